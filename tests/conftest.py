@@ -1,0 +1,59 @@
+"""Shared fixtures: the real-MNIST data root (skip cleanly where absent) and small trained models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--data-root", default=None, help="torchvision-style data root with MNIST/raw")
+
+
+def _data_root(config: pytest.Config) -> Path | None:
+    root = config.getoption("--data-root") or os.environ.get("VAE_DEPLOY_DATA")
+    if not root:
+        return None
+    raw = Path(root) / "MNIST" / "raw"
+    return Path(root) if raw.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def data_root(pytestconfig: pytest.Config) -> Path:
+    """The MNIST data root from --data-root or $VAE_DEPLOY_DATA; the test skips if there is none."""
+    root = _data_root(pytestconfig)
+    if root is None:
+        pytest.skip("real MNIST not available: pass --data-root or set VAE_DEPLOY_DATA")
+    return root
+
+
+@pytest.fixture(scope="session")
+def mnist_splits(data_root: Path):
+    from vae_deploy.data import load_splits
+
+    return load_splits("mnist", data_root)
+
+
+def _train_small(tmp: Path, arch: str, latent: int, splits=None, dataset: str = "synthetic"):
+    from vae_deploy.config import make_configs
+    from vae_deploy.training import train
+
+    model_cfg, train_cfg = make_configs(
+        {"arch": arch, "latent_dim": latent, "hidden": [64], "conv_channels": [8, 16]},
+        {"dataset": dataset, "epochs": 1, "batch_size": 64, "max_steps": 20, "out": str(tmp)},
+    )
+    return train(model_cfg, train_cfg, progress=False, log=lambda _: None, splits=splits)
+
+
+@pytest.fixture(scope="session")
+def mlp_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small MLP VAE (latent 8) trained for a few steps on synthetic data: its checkpoint path."""
+    return _train_small(tmp_path_factory.mktemp("mlp_run"), "mlp", 8).checkpoint
+
+
+@pytest.fixture(scope="session")
+def conv_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small conv VAE (latent 2) trained for a few steps on synthetic data: its checkpoint path."""
+    return _train_small(tmp_path_factory.mktemp("conv_run"), "conv", 2).checkpoint

@@ -1,0 +1,141 @@
+"""Checkpoints: weights + full config + resume state, written atomically, loaded without pickle code.
+
+A checkpoint is a dict of tensors and plain Python values only, so it loads with
+``torch.load(weights_only=True)``: a file whose pickle would construct arbitrary objects or run code
+is refused before anything in it runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vae_deploy.config import (
+    ModelConfig,
+    TrainConfig,
+    model_config_from_dict,
+    to_dict,
+    train_config_from_dict,
+)
+from vae_deploy.errors import CheckpointError, ConfigError
+from vae_deploy.model import VAE
+
+FORMAT = "vae-deploy-checkpoint"
+FORMAT_VERSION = 1
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same folder, fsync, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: VAE,
+    train_config: TrainConfig | None = None,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    epoch: int = 0,
+    step: int = 0,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Atomically write a checkpoint: weights, configs, optimizer and progress for ``--resume``."""
+    state = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_config": to_dict(model.config),
+        "train_config": to_dict(train_config) if train_config is not None else None,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "epoch": int(epoch),
+        "step": int(step),
+        "torch_version": torch.__version__,
+        "extra": extra or {},
+    }
+    import io
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load the raw checkpoint dict safely (``weights_only=True``) and check its format."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unpickling failed"
+        raise CheckpointError(
+            f"refused to load {path}: it is not a plain-weights checkpoint (its pickle wants "
+            f"objects or code that weights_only loading forbids: {first[:160]})"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - corrupt zip, truncated file, wrong format
+        raise CheckpointError(
+            f"{path} is not a readable torch checkpoint ({type(exc).__name__}: {str(exc)[:160]})"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is not a vae-deploy checkpoint (expected a dict with format={FORMAT!r}; "
+            "train one with `vae-deploy train`)"
+        )
+    if int(state.get("format_version", 0)) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format {state['format_version']}, newer than this "
+            f"vae-deploy understands ({FORMAT_VERSION}); upgrade vae-deploy"
+        )
+    return state
+
+
+def model_from_state(state: dict[str, Any], source: str = "checkpoint") -> VAE:
+    try:
+        cfg = model_config_from_dict(state["model_config"])
+    except (KeyError, ConfigError) as exc:
+        raise CheckpointError(f"{source} has no valid model config: {exc}") from None
+    model = VAE(cfg)
+    try:
+        model.load_state_dict(state["state_dict"])
+    except (KeyError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{source}: weights do not fit the model config ({str(exc).splitlines()[0][:200]})"
+        ) from None
+    return model.eval()
+
+
+def load_checkpoint(path: str | os.PathLike) -> VAE:
+    """Load a checkpoint into a ``VAE`` in eval mode (on CPU)."""
+    return model_from_state(read_checkpoint(path), str(path))
+
+
+def checkpoint_configs(state: dict[str, Any]) -> tuple[ModelConfig, TrainConfig | None]:
+    mc = model_config_from_dict(state["model_config"])
+    tc = state.get("train_config")
+    return mc, (train_config_from_dict(tc) if tc else None)
