@@ -74,7 +74,7 @@ def save_checkpoint(
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "epoch": int(epoch),
         "step": int(step),
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
         "extra": extra or {},
     }
     import io
@@ -93,7 +93,13 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unpickling failed"
+        text = str(exc)
+        found = [ln.strip() for ln in text.splitlines() if "Unsupported global" in ln]
+        first = (
+            found[0].split(" was not")[0].replace("WeightsUnpickler error: ", "")
+            if found
+            else (text.strip().splitlines()[0] if text.strip() else "unpickling failed")
+        )
         raise CheckpointError(
             f"refused to load {path}: it is not a plain-weights checkpoint (its pickle wants "
             f"objects or code that weights_only loading forbids: {first[:160]})"
