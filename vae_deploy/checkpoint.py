@@ -8,9 +8,12 @@ is refused before anything in it runs.
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import os
 import pickle
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +80,6 @@ def save_checkpoint(
         "torch_version": str(torch.__version__),
         "extra": extra or {},
     }
-    import io
-
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write_bytes(path, buf.getvalue())
@@ -86,12 +87,16 @@ def save_checkpoint(
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load the raw checkpoint dict safely (``weights_only=True``) and check its format."""
+    """Load the raw checkpoint dict safely (``weights_only=True``, or safetensors) and check its format."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "pickle protocol 4" notes on foreign files
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
         found = [ln.strip() for ln in text.splitlines() if "Unsupported global" in ln]
@@ -136,8 +141,50 @@ def model_from_state(state: dict[str, Any], source: str = "checkpoint") -> VAE:
     return model.eval()
 
 
+def save_safetensors(path: str | os.PathLike, model: VAE, train_config: TrainConfig | None = None) -> Path:
+    """Write weights as safetensors with the configs as JSON metadata: shareable without pickle."""
+    from safetensors.torch import save
+
+    meta = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "model_config": json.dumps(to_dict(model.config)),
+        "train_config": json.dumps(to_dict(train_config) if train_config is not None else None),
+    }
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(path, save(tensors, metadata=meta))
+    return Path(path)
+
+
+def _read_safetensors(path: Path) -> dict[str, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        raw = path.read_bytes()
+        tensors = load(raw)
+        header_len = int.from_bytes(raw[:8], "little")
+        meta = json.loads(raw[8 : 8 + header_len]).get("__metadata__", {})
+    except (SafetensorError, ValueError, OSError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({str(exc)[:160]})") from None
+    if meta.get("format") != FORMAT or "model_config" not in meta:
+        raise CheckpointError(f"{path} is a safetensors file without vae-deploy model metadata")
+    tc = json.loads(meta.get("train_config") or "null")
+    return {
+        "format": FORMAT,
+        "format_version": int(meta.get("format_version", 1)),
+        "model_config": json.loads(meta["model_config"]),
+        "train_config": tc,
+        "state_dict": tensors,
+        "optimizer": None,
+        "epoch": 0,
+        "step": 0,
+        "extra": {},
+    }
+
+
 def load_checkpoint(path: str | os.PathLike) -> VAE:
-    """Load a checkpoint into a ``VAE`` in eval mode (on CPU)."""
+    """Load a checkpoint (``.pt`` or ``.safetensors``) into a ``VAE`` in eval mode (on CPU)."""
     return model_from_state(read_checkpoint(path), str(path))
 
 

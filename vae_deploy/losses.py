@@ -29,6 +29,12 @@ def reconstruction(logits: Tensor, x: Tensor, kind: str = "bce") -> Tensor:
     """Per-image reconstruction loss (sum over pixels, mean over batch) from decoder logits."""
     if kind not in LOSSES:
         raise UsageError(f"reconstruction loss must be one of {LOSSES}, got {kind!r}")
+    if not (torch.is_tensor(logits) and torch.is_tensor(x)):
+        raise UsageError("logits and targets must be torch tensors")
+    if not (logits.is_floating_point() and x.is_floating_point()):
+        raise UsageError(f"logits and targets must be floating point, got {logits.dtype} and {x.dtype}")
+    if logits.dim() < 2:
+        raise UsageError(f"expected batched tensors [N, ...], got shape {tuple(logits.shape)}")
     if logits.shape != x.shape:
         raise UsageError(f"logits {tuple(logits.shape)} and targets {tuple(x.shape)} differ")
     n = x.shape[0]
@@ -46,7 +52,7 @@ def elbo_loss(
     logits: Tensor, x: Tensor, kl: Tensor, kind: str = "bce", beta: float = 1.0, alpha: float = 1.0
 ) -> LossTerms:
     """Weighted objective and its terms; ``kl`` is the per-sample KL from the model ([N])."""
-    if kl.dim() != 1 or kl.shape[0] != x.shape[0]:
+    if not torch.is_tensor(kl) or kl.dim() != 1 or kl.shape[0] != x.shape[0]:
         raise UsageError(f"kl must be per-sample with shape [{x.shape[0]}], got {tuple(kl.shape)}")
     recon = reconstruction(logits, x, kind)
     kl_mean = kl.mean()

@@ -30,19 +30,24 @@ class _ReparameterizeKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mu: Tensor, logvar: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        std = torch.exp(0.5 * logvar)
+        std = logvar.mul(0.5).exp_()
         z = torch.addcmul(mu, std, eps)
-        kl = 0.5 * (mu * mu + std * std - 1.0 - logvar).sum(dim=1)
+        # 0.5 * sum(mu^2 + std^2 - 1 - logvar) as three row reductions, no [N,d] temporaries
+        sq = torch.linalg.vector_norm(mu, dim=1).square_()
+        sq.add_(torch.linalg.vector_norm(std, dim=1).square_()).sub_(logvar.sum(dim=1))
+        kl = sq.sub_(mu.shape[1]).mul_(0.5)
         ctx.save_for_backward(mu, logvar, eps)
         return z, kl
 
     @staticmethod
     def backward(ctx, grad_z: Tensor, grad_kl: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
         mu, logvar, eps = ctx.saved_tensors
-        std = torch.exp(0.5 * logvar)
+        std = logvar.mul(0.5).exp_()
         g = grad_kl.unsqueeze(1)
-        grad_mu = grad_z + g * mu
-        grad_logvar = 0.5 * (grad_z * eps * std + g * (std * std - 1.0))
+        grad_mu = torch.addcmul(grad_z, mu, g)
+        # d/dlogvar = 0.5 * (grad_z * eps * std + g * (std^2 - 1)) = 0.5 * (std * (grad_z*eps + g*std) - g)
+        t = torch.mul(grad_z, eps).addcmul_(std, g).mul_(std)
+        grad_logvar = t.sub_(g).mul_(0.5)
         return grad_mu, grad_logvar, None
 
 

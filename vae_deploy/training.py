@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from vae_deploy.checkpoint import atomic_write_bytes, read_checkpoint, save_checkpoint
+from vae_deploy.checkpoint import atomic_write_bytes, read_checkpoint, save_checkpoint, save_safetensors
 from vae_deploy.config import ModelConfig, TrainConfig, model_config_from_dict, to_dict
 from vae_deploy.data import Splits, load_splits
 from vae_deploy.errors import (
@@ -36,6 +36,7 @@ from vae_deploy.model import VAE
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
+SAFETENSORS = "model.safetensors"  # the same weights, shareable without pickle
 
 
 class _DeferredInterrupt:
@@ -176,6 +177,8 @@ def train(
         model.load_state_dict(state["state_dict"])
         if state.get("optimizer"):
             opt.load_state_dict(state["optimizer"])
+            for group, wd in zip(opt.param_groups, (cfg.weight_decay, cfg.decoder_weight_decay)):
+                group.update(lr=cfg.lr, weight_decay=wd)  # the resumed run's settings win
         extra = state.get("extra", {})
         start_epoch, step = int(state["epoch"]), int(state["step"])
         start_batch = int(extra.get("batch_in_epoch", 0))
@@ -213,6 +216,7 @@ def train(
                 "data_note": splits.note,
             },
         )
+        save_safetensors(out / SAFETENSORS, model, cfg)
 
     train_x = splits.train_x.to(device)
     n = len(train_x)
