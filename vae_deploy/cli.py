@@ -121,6 +121,265 @@ def demo(data_root: str | None, dataset: str, epochs: int, out: str, export_dir:
     click.echo(f"checkpoint: {result.checkpoint}")
 
 
+# --- views (reconstruct, interpolate, vary, latent-map, curves) ---------------------------------
+
+_SOURCE_HELP = "MODEL is an export folder (runs on onnxruntime), a run folder or a checkpoint file."
+
+
+def _view_options(default_out: str) -> Any:
+    """The model argument and the options every view takes."""
+
+    def wrap(f: Any) -> Any:
+        options = [
+            click.argument("model", type=click.Path()),
+            click.option(
+                "--dataset",
+                type=click.Choice(["mnist", "fashion-mnist", "synthetic"]),
+                help="Validation data (default: what the checkpoint was trained on, else mnist).",
+            ),
+            click.option("--data-root", help=DATA_ROOT_HELP),
+            click.option("--seed", default=0, show_default=True, help="Seed for the picks and draws."),
+            click.option(
+                "--provider",
+                type=click.Choice(["auto", "cpu", "cuda"]),
+                default="auto",
+                show_default=True,
+                help="onnxruntime provider (export folders only).",
+            ),
+            click.option("--out", default=default_out, show_default=True, help="PNG file to write."),
+        ]
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return wrap
+
+
+def _index_pair(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        pair = tuple(int(v) for v in value.replace(" ", "").split(","))
+    except ValueError:
+        pair = ()
+    if len(pair) != 2 or min(pair) < 0:
+        raise click.BadParameter(f"expected two validation indices 'i,j' (>= 0), got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+@cli.command(epilog=_SOURCE_HELP)
+@_view_options("reconstruct.png")
+@click.option("-n", "n", default=8, show_default=True, help="Number of validation images.")
+def reconstruct(model: str, provider: str, out: str, **opts: Any) -> None:
+    """Originals above their reconstructions.
+
+    n validation images (top row) above decode(mu) of each (bottom row).
+    """
+    from vae_deploy import viz
+
+    click.echo(f"wrote {viz.reconstruct(viz.load_source(model, provider), out, **opts)}")
+
+
+@cli.command(epilog=_SOURCE_HELP)
+@_view_options("interpolate.png")
+@click.option("--steps", default=10, show_default=True, help="Decoded points, both ends included.")
+@click.option("--slerp", is_flag=True, help="Add a spherical-interpolation row under the linear one.")
+@click.option("--indices", help="Two validation indices 'i,j' (default: a seeded pair of different digits).")
+def interpolate(model: str, provider: str, out: str, slerp: bool, indices: str | None, **opts: Any) -> None:
+    """Decode a latent path between two images.
+
+    Linear (and with --slerp, spherical) path between the latent means of two validation images
+    of different classes, originals at both ends.
+    """
+    from vae_deploy import viz
+
+    source = viz.load_source(model, provider)
+    path = viz.interpolate(source, out, slerp_row=slerp, indices=_index_pair(indices), **opts)
+    click.echo(f"wrote {path}")
+
+
+@cli.command(epilog=_SOURCE_HELP)
+@_view_options("vary.png")
+@click.option("-n", "n", default=5, show_default=True, help="Posterior draws per class.")
+def vary(model: str, provider: str, out: str, **opts: Any) -> None:
+    """Decode posterior draws, one row per class.
+
+    Each row: a validation example of the class, then n decodes of z ~ N(mu, sigma^2) from its
+    posterior.
+    """
+    from vae_deploy import viz
+
+    click.echo(f"wrote {viz.vary(viz.load_source(model, provider), out, **opts)}")
+
+
+@cli.command(epilog=_SOURCE_HELP)
+@_view_options("latent-map.png")
+@click.option(
+    "--method",
+    type=click.Choice(["auto", "tsne", "pca"]),
+    default="auto",
+    show_default=True,
+    help="2-D embedding for latents above 2-D (auto: t-SNE).",
+)
+@click.option("--limit", default=2000, show_default=True, help="Validation images to map.")
+@click.option("--grid", default=20, show_default=True, help="Manifold grid size (2-D latents).")
+def latent_map(model: str, provider: str, out: str, **opts: Any) -> None:
+    """Latent means by label (and the decoded manifold).
+
+    Validation latent means coloured by label, embedded by t-SNE or PCA above 2-D; for a 2-D
+    latent also the decoded manifold over the prior's quantiles.
+    """
+    from vae_deploy import viz
+
+    click.echo(f"wrote {viz.latent_map(viz.load_source(model, provider), out, **opts)}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--out", default="curves.png", show_default=True, help="PNG file to write.")
+def curves(run_dir: str, out: str) -> None:
+    """Train/validation loss curves of a run.
+
+    Total objective, reconstruction, KL and -ELBO per epoch from RUN_DIR/metrics.jsonl.
+    """
+    from vae_deploy import viz
+
+    click.echo(f"wrote {viz.curves(run_dir, out)}")
+
+
+# --- evaluate -----------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option(
+    "--dataset",
+    type=click.Choice(["mnist", "fashion-mnist", "synthetic"]),
+    help="Validation data (default: what the checkpoint was trained on).",
+)
+@click.option("--data-root", help=DATA_ROOT_HELP)
+@click.option("--k", "k", default=100, show_default=True, help="Importance samples per image.")
+@click.option("--limit", type=int, help="Evaluate only the first N validation images.")
+@click.option("--binarize/--no-binarize", default=None, help="Default: as the checkpoint was trained.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--json", "json_out", help="Also write the result to this JSON file.")
+def evaluate(checkpoint: str, json_out: str | None, **opts: Any) -> None:
+    """-ELBO and IWAE NLL bound in nats/image.
+
+    Validation negative ELBO and the importance-weighted bound on the negative log-likelihood
+    (k samples, Bernoulli likelihood). CHECKPOINT is a checkpoint file or a run folder.
+    """
+    from vae_deploy.evaluate import evaluate as run_evaluate
+    from vae_deploy.evaluate import write_json
+
+    result = run_evaluate(checkpoint, **opts)
+    click.echo(result.summary())
+    if json_out:
+        write_json(result, json_out)
+
+
+# --- sample -------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("export_dir", type=click.Path(file_okay=False))
+@click.option("-n", "n", default=64, show_default=True, type=int, help="Number of samples.")
+@click.option("--seed", type=click.IntRange(min=0), help="Seed (default: a fresh one, printed).")
+@click.option("--out", required=True, help="Output file: .png (grid) or .npy ([n, C, H, W] float32).")
+@click.option("--provider", default="auto", show_default=True, type=click.Choice(["auto", "cuda", "cpu"]))
+@click.option("--batch-size", type=int, help="Samples per run (speed/memory only; results do not change).")
+@click.option("--bernoulli", is_flag=True, help="Draw 0/1 pixels from the decoded probabilities.")
+@click.option("--nrow", type=int, help="Images per row of the PNG grid (default: square).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a TTY).")
+def sample(
+    export_dir: str, n: int, seed: int | None, out: str, provider: str, progress: bool | None, **opts: Any
+) -> None:
+    """Sample images from an export folder on onnxruntime (torch-free) and write a PNG grid or .npy."""
+    from tqdm import tqdm
+
+    from vae_deploy.runtime import sample_to_file
+
+    show = sys.stderr.isatty() if progress is None else progress
+    with tqdm(total=n, unit="img", disable=not show or n < 1, leave=False) as bar:
+        result = sample_to_file(export_dir, n, out, seed=seed, provider=provider, progress=bar.update, **opts)
+    why = (
+        f" (CUDA not used: {result.fallback_reason})" if provider == "auto" and result.fallback_reason else ""
+    )
+    click.echo(f"provider: {result.provider}{why}")
+    click.echo(
+        f"wrote {result.n} samples (seed {result.seed}) to {result.path}: {result.seconds:.2f} s, "
+        f"{result.samples_per_second:,.0f} samples/s"
+    )
+
+
+# --- export / verify ----------------------------------------------------------------------------
+
+
+@cli.command("export")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--out", default="exported", show_default=True, help="Export folder (replaced atomically).")
+@click.option(
+    "--formats",
+    default="onnx,torchscript",
+    show_default=True,
+    help="Comma-separated: onnx, torchscript, pt2 (torch.export, TorchScript's supported successor).",
+)
+@click.option("--opset", type=int, help="ONNX opset (default: the exporter's, recorded in the manifest).")
+@click.option("--fp16", is_flag=True, help="Also write decoder.fp16.onnx (half precision inside, fp32 I/O).")
+@click.option("--no-verify", is_flag=True, help="Skip the parity check against eager PyTorch.")
+@click.option("--data-root", help=DATA_ROOT_HELP + " (real images for the parity check)")
+def export_command(
+    checkpoint: str,
+    out: str,
+    formats: str,
+    opset: int | None,
+    fp16: bool,
+    no_verify: bool,
+    data_root: str | None,
+) -> None:
+    """Export encoder and decoder graphs from CHECKPOINT, verify them, and write the manifest."""
+    from vae_deploy.export import export
+
+    export(
+        checkpoint,
+        out,
+        formats=formats,
+        opset=opset,
+        fp16=fp16,
+        verify=not no_verify,
+        data_root=data_root,
+        log=click.echo,
+    )
+
+
+@cli.command("verify")
+@click.argument("export_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--checkpoint", type=click.Path(dir_okay=False), help="Eager reference (default: the manifest's)."
+)
+@click.option("--data-root", help=DATA_ROOT_HELP + " (real images; else seeded random inputs)")
+@click.option("--batch-sizes", default="1,7,256", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the report as JSON.")
+def verify_command(
+    export_dir: str, checkpoint: str | None, data_root: str | None, batch_sizes: str, json_path: str | None
+) -> None:
+    """Check EXPORT_DIR's sha256s, then compare every graph and backend with eager PyTorch."""
+    from vae_deploy.errors import ParityError
+    from vae_deploy.parity import verify
+
+    report = verify(
+        export_dir,
+        checkpoint=checkpoint,
+        data_root=data_root,
+        batch_sizes=_csv_ints(batch_sizes) or (),
+        json_path=json_path,
+        log=click.echo,
+    )
+    if not report.passed:
+        raise ParityError(f"verification failed: {report.summary()}")
+
+
 # --- entry point --------------------------------------------------------------------------------
 
 
