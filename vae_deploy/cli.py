@@ -92,15 +92,30 @@ def train(recipe: str | None, resume: bool, progress: bool | None, **opts: Any) 
 
 @cli.command()
 @click.option("--data-root", help=DATA_ROOT_HELP)
+@click.option("--download", is_flag=True, help="Fetch MNIST with torchvision first (needs internet).")
 @click.option("--dataset", default="mnist", type=click.Choice(["mnist", "fashion-mnist", "synthetic"]))
-@click.option("--epochs", default=2, show_default=True)
-@click.option("--out", default="runs/demo", show_default=True, help="Run folder.")
+@click.option("--epochs", default=5, show_default=True)
+@click.option("--out", default="runs/demo", show_default=True, help="Run folder (replaced).")
 @click.option("--export-dir", default="exported", show_default=True)
-def demo(data_root: str | None, dataset: str, epochs: int, out: str, export_dir: str) -> None:
-    """The main job end to end on defaults: train a small MLP VAE (then export, verify, sample, bench)."""
+@click.option("--samples", default="runs/demo/samples.png", show_default=True)
+@click.option("--bench/--no-bench", default=True, show_default=True, help="End with a short benchmark.")
+def demo(
+    data_root: str | None,
+    download: bool,
+    dataset: str,
+    epochs: int,
+    out: str,
+    export_dir: str,
+    samples: str,
+    bench: bool,
+) -> None:
+    """The main job end to end on defaults: train -> export -> verify -> sample -> bench."""
     import shutil
 
     from vae_deploy.config import make_configs
+    from vae_deploy.export import export
+    from vae_deploy.parity import verify
+    from vae_deploy.runtime import sample_to_file
     from vae_deploy.training import train as run_training
 
     if Path(out, "checkpoint.pt").exists():
@@ -110,15 +125,40 @@ def demo(data_root: str | None, dataset: str, epochs: int, out: str, export_dir:
         {
             "dataset": dataset,
             "data_root": data_root,
+            "download": download,
             "epochs": epochs,
             "batch_size": 128,
             "lr": 1e-3,
             "out": out,
         },
     )
-    click.echo("== train")
+    click.echo("== 1/5 train: MLP 784-400-(2x20), BCE + KL")
     result = run_training(model_cfg, train_cfg, progress=sys.stderr.isatty(), log=click.echo)
     click.echo(f"checkpoint: {result.checkpoint}")
+    click.echo(f"== 2/5 export -> {export_dir}/")
+    exported = export(
+        result.checkpoint, export_dir, formats=("onnx", "torchscript", "pt2"), verify=False, log=click.echo
+    )
+    click.echo("== 3/5 verify against eager PyTorch")
+    report = verify(exported.out_dir, data_root=data_root, log=lambda _: None)
+    click.echo(report.table())
+    if not report.passed:
+        from vae_deploy.errors import ParityError
+
+        raise ParityError(f"verify failed: {report.summary()}")
+    click.echo("== 4/5 sample 64 images on onnxruntime (seed 0)")
+    s = sample_to_file(exported.out_dir, 64, samples, seed=0, provider="auto")
+    click.echo(f"provider {s.provider}: wrote {s.path} ({s.samples_per_second:,.0f} samples/s)")
+    if bench:
+        click.echo("== 5/5 bench (quick): decoder throughput per backend")
+        _demo_bench(exported.out_dir)
+
+
+def _demo_bench(export_dir: Path) -> None:
+    from vae_deploy.bench import run_bench
+
+    report = run_bench(export_dir, quick=True, progress=sys.stderr.isatty())
+    click.echo(report.table())
 
 
 # --- views (reconstruct, interpolate, vary, latent-map, curves) ---------------------------------
@@ -378,6 +418,57 @@ def verify_command(
     )
     if not report.passed:
         raise ParityError(f"verification failed: {report.summary()}")
+
+
+# --- bench --------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("export_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--backends",
+    help="Comma-separated (default: all; CUDA ones are skipped, with the reason, where there is no GPU): "
+    "eager, torchscript, pt2, onnx-cpu, onnx-cpu-bare, onnx-cpu-default, onnx-cpu-int8, eager-cuda, "
+    "onnx-cuda, onnx-cuda-graph, onnx-cuda-fp16.",
+)
+@click.option("--batch-sizes", help="Comma-separated (default 1,8,64,512,4096; with --quick 1,64).")
+@click.option("--graph", default="decoder", show_default=True, type=click.Choice(["decoder", "encoder"]))
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the results as JSON.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Throughput vs batch size (.png; matplotlib).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Eager model (default: the manifest's).")
+@click.option("--quick", is_flag=True, help="Small batch sizes and time budget: a smoke run of seconds.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a TTY).")
+def bench(
+    export_dir: str,
+    backends: str | None,
+    batch_sizes: str | None,
+    graph: str,
+    json_path: str | None,
+    plot: str | None,
+    checkpoint: str | None,
+    quick: bool,
+    progress: bool | None,
+) -> None:
+    """Time EXPORT_DIR's graph on every backend, side by side, against this machine's measured peak."""
+    from vae_deploy import bench as b
+
+    if plot:
+        b.require_matplotlib()  # fail before the run, not after it
+    report = b.run_bench(
+        export_dir,
+        backends=b.parse_backends(backends),
+        batch_sizes=_csv_ints(batch_sizes),
+        graph=graph,
+        checkpoint=checkpoint,
+        quick=quick,
+        progress=sys.stderr.isatty() if progress is None else progress,
+        log=click.echo,
+    )
+    click.echo(b.format_table(report))
+    if json_path:
+        click.echo(f"wrote {b.write_json(report, json_path)}")
+    if plot:
+        click.echo(f"wrote {b.plot_throughput(report, plot)}")
 
 
 # --- entry point --------------------------------------------------------------------------------

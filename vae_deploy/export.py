@@ -318,6 +318,9 @@ def export(
                 "abs_path": str(checkpoint.resolve()),
                 "sha256": sha256_file(checkpoint),
             },
+            "training": {
+                k: (state.get("train_config") or {}).get(k) for k in ("dataset", "binarize", "loss")
+            },
             "opset": opset_used,
             "torch_version": torch.__version__,
             "graphs": graphs,

@@ -167,6 +167,7 @@ def train(
     history: list[dict[str, Any]] = []
     start_epoch, start_batch, step = 0, 0, 0
     run_sum, run_n = 0.0, 0
+    run_terms = [0.0, 0.0]  # running sums of the recon and KL terms in this epoch
 
     if resume:
         if not ckpt_path.is_file():
@@ -183,6 +184,7 @@ def train(
         start_epoch, step = int(state["epoch"]), int(state["step"])
         start_batch = int(extra.get("batch_in_epoch", 0))
         run_sum, run_n = float(extra.get("run_sum", 0.0)), int(extra.get("run_n", 0))
+        run_terms = [float(v) for v in extra.get("run_terms", [0.0, 0.0])]
         history = list(extra.get("history", []))
         if "eps_gen_state" in extra:
             eps_gen.set_state(extra["eps_gen_state"].to(eps_gen.get_state().device))
@@ -212,6 +214,7 @@ def train(
                 "eps_gen_state": eps_gen.get_state(),
                 "run_sum": run_sum,
                 "run_n": run_n,
+                "run_terms": run_terms,
                 "history": history,
                 "data_note": splits.note,
             },
@@ -258,6 +261,8 @@ def train(
                 next_batch = b + 1
                 seen += len(xb)
                 run_sum += loss_value * len(xb)
+                run_terms[0] += float(terms.recon.detach()) * len(xb)
+                run_terms[1] += float(terms.kl.detach()) * len(xb)
                 run_n += len(xb)
                 bar.update(1)
                 bar.set_postfix(loss=f"{run_sum / run_n:.2f}")
@@ -271,6 +276,8 @@ def train(
                 "epoch": epoch + 1,
                 "step": step,
                 "train_loss": run_sum / max(run_n, 1),
+                "train_recon": run_terms[0] / max(run_n, 1),
+                "train_kl": run_terms[1] / max(run_n, 1),
                 "val_loss": val["loss"],
                 "val_recon": val["recon"],
                 "val_kl": val["kl"],
@@ -279,7 +286,7 @@ def train(
                 "seconds": dt,
             }
             history.append(row)
-            run_sum, run_n, start_batch = 0.0, 0, 0
+            run_sum, run_n, start_batch, run_terms = 0.0, 0, 0, [0.0, 0.0]
             stopped_early = cfg.max_steps is not None and step >= cfg.max_steps
             finished = next_batch >= len(order)
             checkpoint(epoch + 1 if finished else epoch, 0 if finished else next_batch)
