@@ -94,9 +94,15 @@ def main() -> None:
         }
     f, u = results["fused"], results["unfused"]
     report = {
-        "machine": {"platform": platform.platform(), "device": str(dev), "torch": torch.__version__,
-                    "threads": torch.get_num_threads()},
-        "batch": args.batch, "latent": args.latent, "results": results,
+        "machine": {
+            "platform": platform.platform(),
+            "device": str(dev),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+        "batch": args.batch,
+        "latent": args.latent,
+        "results": results,
         "speedup": u["median_ms"] / f["median_ms"],
         "saved_memory_ratio": u["saved_bytes"] / f["saved_bytes"],
     }

@@ -26,7 +26,7 @@ from vae_deploy.config import (
     to_dict,
     train_config_from_dict,
 )
-from vae_deploy.errors import CheckpointError, ConfigError
+from vae_deploy.errors import CheckpointError
 from vae_deploy.model import VAE
 
 FORMAT = "vae-deploy-checkpoint"
@@ -95,13 +95,17 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        return _read_safetensors(path)
+        return _check_state(_read_safetensors(path), path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "pickle protocol 4" notes on foreign files
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
+        with open(path, "rb") as f:
+            pickled = f.read(1) == b"\x80"  # the PROTO opcode every pickle since protocol 2 starts with
+        if "Unsupported operand" in text and not pickled:  # random bytes or text, not a pickle
+            raise CheckpointError(f"{path} is not a readable torch checkpoint (corrupt or not one)") from None
         found = [ln.strip() for ln in text.splitlines() if "Unsupported global" in ln]
         first = (
             found[0].split(" was not")[0].replace("WeightsUnpickler error: ", "")
@@ -121,23 +125,65 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"{path} is not a vae-deploy checkpoint (expected a dict with format={FORMAT!r}; "
             "train one with `vae-deploy train`)"
         )
-    if int(state.get("format_version", 0)) > FORMAT_VERSION:
+    return _check_state(state, path)
+
+
+def _check_state(state: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Refuse newer formats and fields of the wrong type (a forged file must not reach deeper code)."""
+    version = state.get("format_version", FORMAT_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise CheckpointError(f"{path} has no valid format_version (expected an integer, got {version!r})")
+    if version > FORMAT_VERSION:
         raise CheckpointError(
-            f"{path} has checkpoint format {state['format_version']}, newer than this "
+            f"{path} has checkpoint format {version}, newer than this "
             f"vae-deploy understands ({FORMAT_VERSION}); upgrade vae-deploy"
         )
+    for key, kinds in (("model_config", dict), ("state_dict", dict), ("train_config", (dict, type(None)))):
+        if not isinstance(state.get(key), kinds):
+            raise CheckpointError(
+                f"{path} is not a valid vae-deploy checkpoint: its {key} is a "
+                f"{type(state.get(key)).__name__}, expected a dict"
+            )
     return state
+
+
+def _check_weights(weights: dict[str, Any], cfg: ModelConfig, source: str) -> None:
+    """Names, shapes and finiteness of the weights against the config, checked on the meta device
+    before anything is allocated (a forged config cannot make us build a huge model)."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in VAE(cfg).state_dict().items()}
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: weights do not fit the model config "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    for key, shape in expected.items():
+        t = weights[key]
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"{source}: weight {key} is a {type(t).__name__}, expected a tensor")
+        if tuple(t.shape) != shape:
+            raise CheckpointError(
+                f"{source}: weights do not fit the model config ({key} has shape {list(t.shape)}, "
+                f"the config needs {list(shape)})"
+            )
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{source}: weight {key} has NaN or infinite values")
 
 
 def model_from_state(state: dict[str, Any], source: str = "checkpoint") -> VAE:
     try:
         cfg = model_config_from_dict(state["model_config"])
-    except (KeyError, ConfigError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:  # ConfigError is a ValueError
         raise CheckpointError(f"{source} has no valid model config: {exc}") from None
+    weights = state.get("state_dict")
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"{source} has no state_dict (expected a dict of tensors)")
+    _check_weights(weights, cfg, source)
     model = VAE(cfg)
     try:
-        model.load_state_dict(state["state_dict"])
-    except (KeyError, RuntimeError) as exc:
+        model.load_state_dict(weights)
+    except (KeyError, RuntimeError, TypeError) as exc:
         raise CheckpointError(
             f"{source}: weights do not fit the model config ({str(exc).splitlines()[0][:200]})"
         ) from None
@@ -172,11 +218,15 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a readable safetensors file ({str(exc)[:160]})") from None
     if meta.get("format") != FORMAT or "model_config" not in meta:
         raise CheckpointError(f"{path} is a safetensors file without vae-deploy model metadata")
-    tc = json.loads(meta.get("train_config") or "null")
+    try:
+        version = int(meta.get("format_version", 1))
+        model_config, tc = json.loads(meta["model_config"]), json.loads(meta.get("train_config") or "null")
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path} has garbled vae-deploy metadata ({str(exc)[:160]})") from None
     return {
         "format": FORMAT,
-        "format_version": int(meta.get("format_version", 1)),
-        "model_config": json.loads(meta["model_config"]),
+        "format_version": version,
+        "model_config": model_config,
         "train_config": tc,
         "state_dict": tensors,
         "optimizer": None,

@@ -498,6 +498,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         return 130
+    except OSError as exc:  # a path the user gave is unusable (read-only, a file in the way, disk full)
+        if debug:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        click.echo(f"error: {exc.strerror or exc}{where} (check the paths you gave)", err=True)
+        return 1
     except Exception as exc:  # noqa: BLE001 - never a traceback unless --debug
         if debug:
             raise

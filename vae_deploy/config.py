@@ -101,7 +101,9 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
         raise ConfigError(f"unknown key(s) {unknown} in {where}; expected some of {sorted(known)}")
     try:
         return cls(**values)
-    except TypeError as exc:
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:  # e.g. int("x") for latent_dim = "x"
         raise ConfigError(f"bad value in {where}: {exc}") from None
 
 

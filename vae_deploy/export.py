@@ -10,10 +10,14 @@ good one. See docs/CONTRACT.md for the folder layout and exported/README.md for 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import logging
 import os
+import re
 import shutil
+import sys
 import time
 import uuid
 import warnings
@@ -294,8 +298,10 @@ def export(
     target = out_dir.resolve()
     _check_target(target)
     # A sibling of the target (same filesystem, so the final moves are renames); mkdir, not
-    # mkdtemp, so the folder gets the user's usual permissions rather than 0700.
-    staging = target.with_name(f".{target.name}.export-{uuid.uuid4().hex[:12]}")
+    # mkdtemp, so the folder gets the user's usual permissions rather than 0700. The pid in the
+    # name lets a later export sweep the staging folders of killed ones (_sweep_leftovers).
+    staging = target.with_name(f".{target.name}.export-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    _sweep_leftovers(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging.mkdir()
@@ -444,24 +450,89 @@ def _check_target(out: Path) -> None:
 
 def _install(staging: Path, out: Path) -> None:
     """Swap the finished export into place as a unit: DIR holds either the old export or the new
-    one, never a mix. Files in DIR that are not export files (e.g. README.md) are carried over."""
+    one, never a mix and never neither, even if the process is killed at any moment. Files in DIR
+    that are not export files (e.g. README.md) are carried over: linked into the new export first.
+    After the swap ``staging`` holds the old export (the caller removes it)."""
     if not out.exists():
         os.replace(staging, out)
         return
-    aside = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+    for entry in sorted(out.iterdir()):
+        if entry.name not in EXPORT_FILES:
+            _carry(entry, staging / entry.name)
+    if _exchange(staging, out):
+        return
+    # No atomic exchange (not Linux, or the filesystem lacks it): two renames. A kill between them
+    # leaves the old export in the '.old-' folder, and the next export puts it back.
+    aside = out.with_name(f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     os.replace(out, aside)
-    carried: list[str] = []
     try:
-        for entry in sorted(aside.iterdir()):
-            if entry.name not in EXPORT_FILES:
-                os.replace(entry, staging / entry.name)
-                carried.append(entry.name)
         os.replace(staging, out)
     except BaseException:
-        for name in carried:
-            if (staging / name).exists():
-                os.replace(staging / name, aside / name)
-        if not out.exists():
-            os.replace(aside, out)
+        os.replace(aside, out)
         raise
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def _carry(src: Path, dst: Path) -> None:
+    """Put a user's file (or folder) in the new export too: a hard link where possible, else a copy."""
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        shutil.copytree(src, dst, symlinks=True)
+    else:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two folders (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+_LEFTOVER = re.compile(r"\.(export|old)-(\d+)-[0-9a-f]+")
+
+
+def _sweep_leftovers(target: Path) -> None:
+    """Remove the staging folders of killed exports beside ``target`` (their process is gone), and
+    put back an old export that a kill between the two fallback renames left aside."""
+    prefix = f".{target.name}"
+    try:
+        entries = sorted(target.parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        found = _LEFTOVER.fullmatch(entry.name[len(prefix) :]) if entry.name.startswith(prefix) else None
+        if found is None or not entry.is_dir() or _alive(int(found.group(2))):
+            continue
+        if found.group(1) == "old" and not target.exists():
+            os.replace(entry, target)
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process exists (POSIX); elsewhere assume it does, so nothing is swept."""
+    if pid == os.getpid() or os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True

@@ -159,6 +159,8 @@ def check_onnx_self_contained(path: str | os.PathLike) -> None:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - truncated or non-ONNX bytes
         raise IntegrityError(f"{path.name} is not a readable ONNX model ({type(exc).__name__})") from None
+    if not model.graph.node or not model.graph.output:  # e.g. an empty file parses as an empty model
+        raise IntegrityError(f"{path.name} is not a readable ONNX model (it holds no graph)")
     for tensor in _all_tensors(model):
         if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data):
             where = next((e.value for e in tensor.external_data if e.key == "location"), "?")

@@ -64,22 +64,35 @@ CUDA_SAMPLE_BATCH = 1024
 class CpuPlan:
     """How the CPU sessions are set up and which one serves a batch.
 
-    Batches of up to ``small_batch_max`` rows run on a single-threaded session: a few rows make
-    matmuls too small to split and waking a thread pool costs more than it saves. Larger batches
+    Batches of up to ``small_batch_max`` rows run on a single-threaded session; larger batches
     run on a session with ``threads`` intra-op threads (0: onnxruntime's default, one per physical
-    core). ``spinning`` lets pool threads busy-wait between ops: a little faster on an idle
-    machine, much slower on a shared one, hence off. ``sample_batch`` is ``sample``'s default
-    batch size. When ``threads`` comes to 1 (one core, or set so) there is a single session.
+    core). ``spinning`` lets pool threads busy-wait for work instead of sleeping. ``sample_batch``
+    is ``sample``'s default batch size. When ``threads`` comes to 1 (one core, or set so) there is
+    a single session.
+
+    Defaults, from ``vae-deploy bench`` on the 20-400-784 MLP decoder (2-core AVX-512 CPU, idle):
+    one pooled session with spinning serves every batch size. Even at batch 1, two spinning
+    threads beat one (17 vs 25 us: the 1.3 MB weight matrix is read from two cores' L2 caches),
+    while a pool that sleeps between ops pays a wake-up per op (36 us at batch 1, ~10% slower at
+    4096). The cost: after the last call the pool keeps spinning for ~40 ms, which steals CPU from
+    other work on a busy machine; use ``CpuPlan(small_batch_max=16, spinning=False)`` there.
+    A batch of more than ``max_rows`` rows (0: no limit) runs as consecutive runs of ``max_rows``
+    rows, each writing straight into its rows of one output array: the hidden activations of a
+    1024-row chunk stay in cache, which made batch 4096 ~10% faster. See docs/bench.md for every
+    setting tried.
     """
 
-    small_batch_max: int = 16
+    small_batch_max: int = 0
     threads: int = 0
-    spinning: bool = False
+    spinning: bool = True
     sample_batch: int = 256
+    max_rows: int = 1024
 
     def __post_init__(self) -> None:
-        if self.small_batch_max < 0 or self.threads < 0 or self.sample_batch < 1:
-            raise UsageError(f"CpuPlan needs small_batch_max >= 0, threads >= 0, sample_batch >= 1: {self}")
+        if min(self.small_batch_max, self.threads, self.max_rows) < 0 or self.sample_batch < 1:
+            raise UsageError(
+                f"CpuPlan needs small_batch_max, threads, max_rows >= 0 and sample_batch >= 1: {self}"
+            )
 
     def two_sessions(self) -> bool:
         """Whether small batches get their own single-thread session (needs a pool of > 1 thread)."""
@@ -208,7 +221,13 @@ class _CpuGraph:
     def __init__(self, path: Path, plan: CpuPlan, log_level: int) -> None:
         def session(threads: int, spinning: bool) -> ort.InferenceSession:
             options = _cpu_session_options(threads, spinning, log_level)
-            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            try:
+                return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for bad graphs
+                first = str(exc).strip().splitlines()[0][:240] if str(exc).strip() else type(exc).__name__
+                raise ExportError(
+                    f"{path.name} in {path.parent} cannot be loaded by onnxruntime {ort.__version__}: {first}"
+                ) from None
 
         self.large = session(plan.threads, plan.spinning)
         two = plan.two_sessions()
@@ -218,18 +237,44 @@ class _CpuGraph:
         self.inputs = [i.name for i in self.large.get_inputs()]
         self.outputs = [o.name for o in self.large.get_outputs()]
         self.input = self.inputs[0]
+        # chunked runs need every output to be float32 with a fixed row shape
+        metas = self.large.get_outputs()
+        fixed = all(o.type == "tensor(float)" and all(isinstance(d, int) for d in o.shape[1:]) for o in metas)
+        self.row_shapes = [tuple(o.shape[1:]) for o in metas] if fixed else None
+        self.max_rows = plan.max_rows
+
+    def _chunked(self, n: int) -> bool:
+        return 0 < self.max_rows < n and self.row_shapes is not None
 
     def run(self, x: np.ndarray) -> list[np.ndarray]:
         sess = self.small if x.shape[0] <= self.small_max else self.large
-        return sess.run(self.outputs, {self.input: x})
+        if not self._chunked(x.shape[0]):
+            return sess.run(self.outputs, {self.input: x})
+        outs = [np.empty((x.shape[0], *shape), np.float32) for shape in self.row_shapes]
+        self._run_chunks(sess, x, outs)
+        return outs
 
     def run_into(self, x: np.ndarray, out: np.ndarray) -> None:
         """Write the first output straight into ``out`` (float32, C-contiguous): no extra copy."""
         sess = self.small if x.shape[0] <= self.small_max else self.large
+        if self._chunked(x.shape[0]):
+            self._run_chunks(sess, x, [out])
+            return
         binding = sess.io_binding()
         binding.bind_cpu_input(self.inputs[0], x)
         binding.bind_output(self.outputs[0], "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
         sess.run_with_iobinding(binding)
+
+    def _run_chunks(self, sess: ort.InferenceSession, x: np.ndarray, outs: list[np.ndarray]) -> None:
+        """Run ``max_rows`` rows at a time, each run writing into its rows of ``outs`` (the first outputs)."""
+        for start in range(0, x.shape[0], self.max_rows):
+            rows = slice(start, start + self.max_rows)
+            binding = sess.io_binding()
+            binding.bind_cpu_input(self.input, x[rows])
+            for name, out in zip(self.outputs, outs):
+                part = out[rows]
+                binding.bind_output(name, "cpu", 0, np.float32, list(part.shape), part.ctypes.data)
+            sess.run_with_iobinding(binding)
 
 
 @dataclass
@@ -432,11 +477,22 @@ def _physical_memory() -> int | None:
         return None
 
 
-def _all_finite(a: np.ndarray) -> bool:
-    """No NaN/inf in a C-contiguous float32 array: one BLAS dot (NaN/inf propagate), exact recheck
-    only when the dot overflows or is not finite."""
-    flat = a.reshape(-1)
-    return math.isfinite(flat @ flat) or bool(np.isfinite(a).all())
+MAX_ABS_LATENT = 1e6  # a VAE's prior is N(0, I); near float32's limit decoders overflow into NaN
+
+
+def _latent_problem(z: np.ndarray) -> str | None:
+    """Why a C-contiguous float32 z cannot be decoded (NaN/inf, or beyond ``MAX_ABS_LATENT``), else
+    None. Common case: one BLAS dot, as a sum of squares <= MAX_ABS_LATENT**2 bounds every value
+    (NaN/inf fail the comparison); only otherwise an exact check."""
+    flat = z.reshape(-1)
+    if flat @ flat <= MAX_ABS_LATENT * MAX_ABS_LATENT:
+        return None
+    if not np.isfinite(z).all():
+        return "z has NaN or infinite values; expected finite numbers"
+    peak = float(np.abs(z).max())
+    if peak > MAX_ABS_LATENT:
+        return f"z has values up to {peak:g} in magnitude; expected latents within ±{MAX_ABS_LATENT:g}"
+    return None
 
 
 def _as_float_array(a: Any, name: str) -> np.ndarray:
@@ -622,8 +678,9 @@ class VAERuntime:
             raise UsageError(f"z is an empty batch (shape {list(z.shape)}); expected at least one latent")
         if not z.flags.c_contiguous:
             z = np.ascontiguousarray(z)
-        if not _all_finite(z):
-            raise UsageError("z has NaN or infinite values; expected finite numbers")
+        problem = _latent_problem(z)
+        if problem is not None:
+            raise UsageError(problem)
         return z, single
 
     def _images(self, x: Any) -> tuple[np.ndarray, bool]:

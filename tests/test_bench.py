@@ -1,0 +1,266 @@
+"""`vae-deploy bench`: the JSON schema on real backends, FLOP counting, skips with reasons, the CLI.
+
+Real export folders, real sessions, tiny batch sizes and a tiny time budget; no timing assertions
+(speed targets live in benchmarks/).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vae_deploy.bench import (
+    BACKENDS,
+    Budget,
+    _Point,
+    flops_per_sample,
+    format_table,
+    machine_slug,
+    plot_throughput,
+    run_bench,
+    write_json,
+)
+from vae_deploy.config import ModelConfig
+from vae_deploy.errors import IntegrityError, MissingExtraError, UsageError
+
+TINY = Budget(
+    warmup_s=0.005, round_s=0.005, min_rounds=2, max_s=0.02, matmul_n=256, matmul_repeats=1, copy_mib=4
+)
+ROW_KEYS = {"backend", "graph", "batch_size", "latency_ms", "samples_per_s", "fraction_of_peak"}
+
+
+@pytest.fixture(scope="module")
+def export_dir(mlp_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's small MLP exported (onnx + torchscript, no pt2), without the parity check."""
+    from vae_deploy.export import export
+
+    out = tmp_path_factory.mktemp("bench") / "exported"
+    export(mlp_checkpoint, out, formats=("onnx", "torchscript"), verify=False, log=lambda _: None)
+    return out
+
+
+# --- FLOPs --------------------------------------------------------------------------------------
+
+
+def test_flops_mlp_by_hand() -> None:
+    cfg = ModelConfig(arch="mlp", latent_dim=2, hidden=(3,), image_shape=(1, 2, 2))
+    assert flops_per_sample(cfg, "decoder") == 2 * (2 * 3 + 3 * 4)  # Linear(2,3), Linear(3,4)
+    assert flops_per_sample(cfg, "encoder") == 2 * (4 * 3 + 3 * 4)  # Linear(4,3), head Linear(3,2*2)
+    ref = ModelConfig(arch="mlp", latent_dim=20, hidden=(400,))
+    assert flops_per_sample(ref, "decoder") == 643_200
+
+
+def test_flops_conv_by_hand() -> None:
+    cfg = ModelConfig(arch="conv", latent_dim=3, conv_channels=(2,), image_shape=(1, 4, 4))
+    # encoder: Conv2d(1->2, 3x3, stride 2) gives 2x2x2 outputs of 1*9 MACs; head Linear(8, 6)
+    assert flops_per_sample(cfg, "encoder") == 2 * (8 * 9) + 2 * (8 * 6)
+    # decoder: Linear(3, 8); ConvTranspose2d(2->1, 3x3): each of 8 inputs scatters 1*9 MACs
+    assert flops_per_sample(cfg, "decoder") == 2 * (3 * 8) + 2 * (8 * 9)
+
+
+def test_flops_rejects_unknown_graph() -> None:
+    with pytest.raises(UsageError, match="graph"):
+        flops_per_sample(ModelConfig(), "middle")
+
+
+# --- the harness --------------------------------------------------------------------------------
+
+
+def test_point_settles_only_when_the_median_stops_moving() -> None:
+    budget = Budget(min_rounds=3, settle=0.02, max_s=100.0)
+    p = _Point()
+    for _ in range(3):
+        p.add_round([1.0, 1.0, 1.0])
+    assert p.settled(budget) and p.done(budget)
+    q = _Point()
+    for t in (1.0, 1.0, 2.0):
+        q.add_round([t] * 5)  # the median jumps in the last round
+    q.add_round([3.0] * 20)
+    assert not q.settled(budget) and not q.done(budget)
+    q.add_round([3.0] * 200)
+    assert q.settled(budget)
+    r = _Point()
+    r.add_round([60.0, 50.0])  # over the per-point time budget: done although not settled
+    assert not r.settled(budget) and r.done(budget)
+
+
+def test_schema_and_values(export_dir: Path, mlp_checkpoint: Path, tmp_path: Path) -> None:
+    backends = ["eager", "torchscript", "onnx-cpu", "onnx-cpu-bare", "onnx-cpu-default", "onnx-cpu-int8"]
+    report = run_bench(export_dir, backends=backends, batch_sizes=(1, 3), budget=TINY, log=lambda _: None)
+    data = json.loads(write_json(report, tmp_path / "out.json").read_text())
+    assert set(data) >= {"machine", "limits", "results"}
+    assert data["limits"]["cpu_fp32_matmul_gflops"] > 0
+    assert data["machine"]["cpus"] >= 1 and data["machine"]["onnxruntime"]
+    assert {(r["backend"], r["batch_size"]) for r in data["results"]} == {
+        (b, n) for b in backends for n in (1, 3)
+    }
+    flops = data["settings"]["flops_per_sample"]
+    assert flops == flops_per_sample(ModelConfig(**data["settings"]["model_config"]), "decoder")
+    for r in data["results"]:
+        assert set(r) >= ROW_KEYS and r["graph"] == "decoder"
+        lat = r["latency_ms"]
+        assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"]
+        assert r["samples_per_s"] == pytest.approx(r["batch_size"] / lat["p50"] * 1e3)
+        assert r["fraction_of_peak"] == pytest.approx(
+            flops * r["samples_per_s"] / (data["limits"]["cpu_fp32_matmul_gflops"] * 1e9)
+        )
+        assert r["runs"] >= 2 and r["threads"]
+        if r["backend"] != "eager":
+            assert r["ratios"]["vs_eager"] > 0
+    onnx1 = report.row("onnx-cpu", 1)
+    assert onnx1.threads["ort_intra_op"] is not None and "spinning" in onnx1.threads
+    err = data["errors"]["onnx-cpu-int8"]
+    assert 0 < err["mean_abs"] <= err["max_abs"] < 0.5  # int8 differs from fp32, but not wildly
+    assert err["mean_abs_255"] == pytest.approx(255 * err["mean_abs"])
+    # CUDA rows and pt2 were not asked for: nothing skipped
+    assert data["skipped"] == []
+    text = format_table(report)
+    assert "onnx-cpu-int8" in text and "samples/s" in text and "mean |error|" in text
+
+
+def test_encoder_graph(export_dir: Path) -> None:
+    report = run_bench(
+        export_dir,
+        backends="eager,onnx-cpu,onnx-cpu-int8",
+        batch_sizes=[2],
+        graph="encoder",
+        budget=TINY,
+        log=lambda _: None,
+    )
+    assert [r.backend for r in report.results] == ["eager", "onnx-cpu", "onnx-cpu-int8"]
+    assert all(r.graph == "encoder" for r in report.results)
+    assert report.settings["flops_per_sample"] == flops_per_sample(
+        ModelConfig(latent_dim=8, hidden=(64,)), "encoder"
+    )
+    assert "mean_abs" in report.errors["onnx-cpu-int8"]
+
+
+def test_unavailable_backends_are_skipped_with_a_reason(export_dir: Path, tmp_path: Path) -> None:
+    moved = tmp_path / "exp"
+    shutil.copytree(export_dir, moved)
+    manifest = json.loads((moved / "manifest.json").read_text())
+    manifest["checkpoint"]["path"] = str(tmp_path / "gone" / "checkpoint.pt")
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    report = run_bench(moved, backends=list(BACKENDS), batch_sizes=[1], budget=TINY, log=lambda _: None)
+    reasons = {s["backend"]: s["reason"] for s in report.skipped}
+    assert "checkpoint not found" in reasons["eager"]
+    assert "no decoder pt2 file" in reasons["pt2"]
+    import torch
+
+    if not torch.cuda.is_available():
+        for name in ("eager-cuda", "onnx-cuda", "onnx-cuda-graph", "onnx-cuda-fp16"):
+            assert "CUDA" in reasons[name]
+    measured = {r.backend for r in report.results}
+    assert {"torchscript", "onnx-cpu", "onnx-cpu-int8"} <= measured
+    assert not measured & set(reasons)
+
+
+def test_bad_inputs_are_clear_errors(export_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="unknown backend"):
+        run_bench(export_dir, backends="onnx-gpu", budget=TINY)
+    with pytest.raises(UsageError, match="positive integers"):
+        run_bench(export_dir, batch_sizes=[0], budget=TINY)
+    with pytest.raises(UsageError, match="graph"):
+        run_bench(export_dir, graph="both", budget=TINY)
+    bad = tmp_path / "tampered"
+    shutil.copytree(export_dir, bad)
+    raw = bytearray((bad / "decoder.onnx").read_bytes())
+    raw[-1] ^= 1
+    (bad / "decoder.onnx").write_bytes(bytes(raw))
+    with pytest.raises(IntegrityError, match="decoder.onnx"):
+        run_bench(bad, backends="onnx-cpu", budget=TINY)
+
+
+def test_plot_and_missing_matplotlib(
+    export_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    report = run_bench(export_dir, backends="onnx-cpu", batch_sizes=(1, 2), budget=TINY, log=lambda _: None)
+    path = plot_throughput(report, tmp_path / "plot.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
+    with pytest.raises(MissingExtraError, match="matplotlib"):
+        plot_throughput(report, tmp_path / "again.png")
+    assert not (tmp_path / "again.png").exists()
+
+
+def test_machine_slug() -> None:
+    assert machine_slug({"cpu": "AMD EPYC 9R14 96-Core Processor", "cpus": 2}) == "amd-epyc-9r14-96-core-2c"
+    assert machine_slug({"gpu": "NVIDIA H200", "cpu": "x", "cpus": 16}) == "h200"
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+
+def test_cli_bench_quick_json(export_dir: Path, mlp_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    from vae_deploy.cli import main
+
+    out = tmp_path / "bench.json"
+    rc = main(
+        [
+            "bench",
+            str(export_dir),
+            "--quick",
+            "--json",
+            str(out),
+            "--checkpoint",
+            str(mlp_checkpoint),
+            "--no-progress",
+        ]
+    )
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    data = json.loads(out.read_text())
+    assert {r["batch_size"] for r in data["results"]} == {1, 64}
+    got = {r["backend"] for r in data["results"]}
+    assert {"eager", "torchscript", "onnx-cpu", "onnx-cpu-int8"} <= got
+    assert all(np.isfinite(r["samples_per_s"]) and r["samples_per_s"] > 0 for r in data["results"])
+    assert "onnx-cpu" in text and "x eager" in text
+
+
+def test_cli_bench_errors(export_dir: Path, tmp_path: Path, capsys) -> None:
+    from vae_deploy.cli import main
+
+    assert main(["bench", str(tmp_path / "nowhere"), "--quick"]) == 1
+    assert main(["bench", str(export_dir), "--batch-sizes", "0,4"]) == 2
+    assert main(["bench", str(export_dir), "--backends", "tpu"]) == 2
+    err = capsys.readouterr().err
+    assert "not found" in err and "positive integers" in err and "unknown backend" in err
+    assert "Traceback" not in err
+
+
+def test_tuned_cpu_plan_gives_the_same_numbers(export_dir: Path) -> None:
+    """The plan bench tuned (one spinning pool, large batches run in max_rows chunks) changes speed only."""
+    from vae_deploy.runtime import CpuPlan, VAERuntime
+
+    tuned = VAERuntime(export_dir, "cpu", cpu_plan=CpuPlan(max_rows=64))
+    plain = VAERuntime(export_dir, "cpu", cpu_plan=CpuPlan(max_rows=0, small_batch_max=16, spinning=False))
+    z = np.random.default_rng(0).standard_normal((150, 8), dtype=np.float32)  # 64 + 64 + 22 rows
+    assert np.array_equal(tuned.decode(z), plain.decode(z))
+    x = np.random.default_rng(1).random((130, 1, 28, 28), dtype=np.float32)
+    for a, b in zip(tuned.encode(x), plain.encode(x)):
+        assert a.shape == (130, 8) and np.array_equal(a, b)
+    assert np.array_equal(tuned.sample(200, seed=3, batch_size=200), plain.sample(200, seed=3, batch_size=7))
+
+
+def test_int8_keeps_short_reductions_fp32(export_dir: Path, tmp_path: Path) -> None:
+    """The small model's decoder is 8 -> 64 -> 784: the K=8 layer stays fp32, the K=64 one is int8."""
+    import onnx
+
+    from vae_deploy.bench import quantize_int8
+
+    kept = quantize_int8(export_dir / "decoder.onnx", tmp_path / "d8.onnx")
+    first = next(
+        n.name for n in onnx.load(str(export_dir / "decoder.onnx")).graph.node if n.op_type == "Gemm"
+    )
+    assert kept == [first]
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "d8.onnx")).graph.node]
+    assert ops.count("MatMulInteger") == 1
+    every = quantize_int8(export_dir / "decoder.onnx", tmp_path / "all.onnx", min_k=1)
+    assert (
+        every == []
+        and [n.op_type for n in onnx.load(str(tmp_path / "all.onnx")).graph.node].count("MatMulInteger") == 2
+    )
