@@ -239,20 +239,9 @@ def _pivot(report: dict[str, Any], title: str) -> list[str]:
 
 
 def _threads(report: dict[str, Any]) -> list[str]:
-    seen: dict[str, dict[int, Any]] = {}
-    for r in report["results"]:
-        seen.setdefault(r["backend"], {})[r["batch_size"]] = r["threads"]
     lines = ["Thread settings:", ""]
-    for name, per in seen.items():
-        distinct = {json.dumps(v, sort_keys=True) for v in per.values()}
-        if len(distinct) == 1:
-            lines.append(f"- `{name}`: {bench._fmt_threads(next(iter(per.values())))}")
-        else:
-            lines.append(
-                f"- `{name}`: " + "; ".join(f"batch {b}: {bench._fmt_threads(v)}" for b, v in per.items())
-            )
-    lines.append("")
-    return lines
+    lines += [f"- `{name}`: {text}" for name, text in bench.threads_summary(report["results"]).items()]
+    return lines + [""]
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -263,7 +252,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"{result['finished']}; vae-deploy {m['vae_deploy']}, torch {m['torch']}, "
         f"onnxruntime {m['onnxruntime']}, numpy {m['numpy']}; cpu flags: {', '.join(m['cpu_flags'])}.",
-        f"Command: `{result['command']}`. Load average (1 min) after each section: "
+        f"Command: `{result['command']}`. 1-min load average after each section (this run's own "
+        "threads included): "
         + ", ".join(f"{k} {v}" for k, v in result["load"].items())
         + "; CPU used by other processes during the benchmarks (cores, 0 = quiet): "
         + ", ".join(
@@ -273,8 +263,9 @@ def markdown(result: dict[str, Any]) -> str:
         )
         + ".",
         "",
-        f"Machine limits measured in the same run: fp32 matmul ({lim['cpu_matmul_n']}^3, torch, "
-        f"{lim['torch_threads']} threads) **{lim['cpu_fp32_matmul_gflops']:.1f} GFLOP/s**; memory copy "
+        f"Machine limits measured in the same run: fp32 matmul ({lim['cpu_matmul_n']}^3, best of torch/MKL "
+        f"and numpy/OpenBLAS on {lim['torch_threads']} threads, sampled through the run) "
+        f"**{lim['cpu_fp32_matmul_gflops']:.1f} GFLOP/s**; memory copy "
         f"{lim['cpu_copy_gbps']:.1f} GB/s. Model: MLP decoder {mc['latent_dim']}-"
         f"{'-'.join(map(str, mc['hidden']))}-784, "
         f"{dec['settings']['flops_per_sample']:,} FLOP/sample.",
@@ -288,7 +279,14 @@ def markdown(result: dict[str, Any]) -> str:
         req = ("<= " if "latency" in t["target"] or "error" in t["target"] else ">= ") + f"{t['required']:g}"
         meas = "-" if t["measured"] is None else f"{t['measured']:.3g}"
         lines.append(f"| {t['target']} | {req} | {meas} | {t['margin']} |")
-    lines += ["", "## Decoder", ""]
+    lines += [
+        "",
+        "Ratios are paired round by round (see docs/bench.md); samples/s are batch / p50 latency. "
+        "int8 rows exceed 100% of the fp32 peak because int8 (VNNI) arithmetic has a higher one.",
+        "",
+        "## Decoder",
+        "",
+    ]
     lines += _pivot(dec, "Decoder (CPU)")
     err = dec["errors"].get("onnx-cpu-int8")
     if err:
@@ -347,7 +345,16 @@ def main() -> None:
     ap.add_argument("--max-other", type=float, default=0.15, help="Cores others may use during a run")
     ap.add_argument("--retries", type=int, default=2, help="Re-runs of a benchmark that others disturbed")
     ap.add_argument("--skip-train", action="store_true", help="Skip the training-loop benchmark")
+    ap.add_argument(
+        "--render", metavar="JSON", help="Only rewrite the .md and .png of an existing results JSON"
+    )
     args = ap.parse_args()
+    if args.render:
+        path = Path(args.render)
+        result = json.loads(path.read_text())
+        result["targets"] = check_targets(result["decoder"], result.get("gpu"))
+        write_results(result, path.parent, path.stem)
+        return
     import torch
 
     started = time.time()
@@ -419,20 +426,27 @@ def main() -> None:
         "reparam": reparam,
         "train": train,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = args.name or bench.machine_slug(result["machine"])
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot_data = dict(dec_d)
-    if gpu_d:
-        plot_data["results"] = dec_d["results"] + gpu_d["results"]
-        plot_data["limits"] = {**dec_d["limits"], **gpu_d["limits"]}
+    write_results(result, Path(args.out), args.name)
+
+
+def write_results(result: dict[str, Any], out: Path, name: str | None = None) -> None:
+    """results/<machine>.json, .png (decoder throughput, CPU and GPU rows) and .md; each atomically."""
+    from vae_deploy.checkpoint import atomic_write_bytes
+
+    stem = name or bench.machine_slug(result["machine"])
+    atomic_write_bytes(out / f"{stem}.json", (json.dumps(result, indent=2) + "\n").encode())
+    dec, gpu = result["decoder"], result.get("gpu")
+    plot_data = dict(dec)
+    if gpu:
+        plot_data["results"] = dec["results"] + gpu["results"]
+        plot_data["limits"] = {**dec["limits"], **gpu["limits"]}
     bench.plot_throughput(plot_data, out / f"{stem}.png")
-    (out / f"{stem}.md").write_text(markdown(result) + f"\n![throughput vs batch size]({stem}.png)\n")
+    md = markdown(result) + f"\n![throughput vs batch size]({stem}.png)\n"
+    atomic_write_bytes(out / f"{stem}.md", md.encode())
     print()
     for t in result["targets"]:
         print(f"{t['target']}: {t['margin']} (measured {t['measured']}, required {t['required']})")
-    print(f"wrote {out / stem}.json, .md, .png in {result['seconds']} s")
+    print(f"wrote {out / stem}.json, .md, .png ({result['seconds']} s of benchmarking)")
 
 
 if __name__ == "__main__":

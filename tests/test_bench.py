@@ -116,6 +116,7 @@ def test_schema_and_values(export_dir: Path, mlp_checkpoint: Path, tmp_path: Pat
     err = data["errors"]["onnx-cpu-int8"]
     assert 0 < err["mean_abs"] <= err["max_abs"] < 0.5  # int8 differs from fp32, but not wildly
     assert err["mean_abs_255"] == pytest.approx(255 * err["mean_abs"])
+    assert all(r["error_vs_fp32"] == err for r in data["results"] if r["backend"] == "onnx-cpu-int8")
     # CUDA rows and pt2 were not asked for: nothing skipped
     assert data["skipped"] == []
     text = format_table(report)

@@ -982,6 +982,9 @@ def run_bench(
     limits["cpu_fp32_matmul_gflops_samples"] = [round(p, 1) for p in peaks]
     limits["cpu_fp32_matmul_gflops"] = max(peaks)
     _set_fractions(results, limits, {name: b.peak for name, b in ready.items()})
+    for row in results:
+        if row.backend in errors:
+            row.extra["error_vs_fp32"] = errors[row.backend]
     machine["load_avg_end"] = _load()
     machine["other_load"] = other_load(counters)  # CPU others took while this ran (cores)
     settings = {
@@ -1132,17 +1135,10 @@ def format_table(report: BenchReport) -> str:
             f"{r.latency_ms['p99']:9.4f} {r.samples_per_s:12,.0f} {('-' if vs is None else f'{vs:.2f}'):>8s} "
             f"{frac:>7s} {r.runs:6d}" + ("" if r.settled else "  (not settled)")
         )
-    threads = {}
-    for r in report.results:
-        threads.setdefault(r.backend, {})[r.batch_size] = r.threads
     lines.append("")
     lines.append("threads:")
-    for name, per in threads.items():
-        distinct = {json.dumps(v, sort_keys=True) for v in per.values()}
-        if len(distinct) == 1:
-            lines.append(f"  {name}: {_fmt_threads(next(iter(per.values())))}")
-        else:
-            lines.append(f"  {name}: " + "; ".join(f"batch {b}: {_fmt_threads(v)}" for b, v in per.items()))
+    for name, text in threads_summary([r.to_dict() for r in report.results]).items():
+        lines.append(f"  {name}: {text}")
     for name, err in report.errors.items():
         if "mean_abs_255" in err:
             lines.append(
@@ -1164,8 +1160,22 @@ def format_table(report: BenchReport) -> str:
     return "\n".join(lines)
 
 
-def _fmt_threads(t: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in t.items())
+def threads_summary(results: list[dict[str, Any]]) -> dict[str, str]:
+    """Per backend, its thread settings in one line: what all batch sizes share, then what differs."""
+    per: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in results:
+        per.setdefault(r["backend"], {})[r["batch_size"]] = r["threads"]
+    out = {}
+    for name, by_batch in per.items():
+        settings = list(by_batch.values())
+        common = {k: v for k, v in settings[0].items() if all(s.get(k, object()) == v for s in settings)}
+        parts = [", ".join(f"{k}={v}" for k, v in common.items())]
+        for batch, s in by_batch.items():
+            extra = {k: v for k, v in s.items() if k not in common}
+            if extra:
+                parts.append(f"batch {batch}: " + ", ".join(f"{k}={v}" for k, v in extra.items()))
+        out[name] = "; ".join(p for p in parts if p)
+    return out
 
 
 def write_json(report: BenchReport, path: str | os.PathLike) -> Path:
@@ -1209,7 +1219,7 @@ def plot_throughput(report: BenchReport | dict[str, Any], path: str | os.PathLik
         ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=name)
     flops = data["settings"]["flops_per_sample"]
     lim = data["limits"]
-    ceilings = [("cpu fp32 matmul peak", lim.get("cpu_fp32_matmul_gflops", 0) * 1e9)]
+    ceilings = [("cpu fp32 matmul peak: compute ceiling", lim.get("cpu_fp32_matmul_gflops", 0) * 1e9)]
     ceilings += [
         (f"gpu {k} peak", lim[f"gpu_{k}_matmul_tflops"] * 1e12)
         for k in ("fp32", "fp16")

@@ -155,10 +155,10 @@ def demo(
 
 
 def _demo_bench(export_dir: Path) -> None:
-    from vae_deploy.bench import run_bench
+    from vae_deploy.bench import format_table, run_bench
 
-    report = run_bench(export_dir, quick=True, progress=sys.stderr.isatty())
-    click.echo(report.table())
+    report = run_bench(export_dir, quick=True, progress=sys.stderr.isatty(), log=lambda _: None)
+    click.echo(format_table(report))
 
 
 # --- views (reconstruct, interpolate, vary, latent-map, curves) ---------------------------------

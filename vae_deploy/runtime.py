@@ -73,12 +73,13 @@ class CpuPlan:
     Defaults, from ``vae-deploy bench`` on the 20-400-784 MLP decoder (2-core AVX-512 CPU, idle):
     one pooled session with spinning serves every batch size. Even at batch 1, two spinning
     threads beat one (17 vs 25 us: the 1.3 MB weight matrix is read from two cores' L2 caches),
-    while a pool that sleeps between ops pays a wake-up per op (36 us at batch 1, ~10% slower at
-    4096). The cost: after the last call the pool keeps spinning for ~40 ms, which steals CPU from
-    other work on a busy machine; use ``CpuPlan(small_batch_max=16, spinning=False)`` there.
+    while a pool that sleeps between ops pays a wake-up per op (36 us at batch 1, ~7% slower at
+    4096). The cost: after the last call the pool keeps spinning for ~40 ms, and when another
+    process holds a core the two-thread session waits for its second thread (batch 1: ~58 us vs
+    25-34 us on one thread); on a busy machine use ``CpuPlan(small_batch_max=16, spinning=False)``.
     A batch of more than ``max_rows`` rows (0: no limit) runs as consecutive runs of ``max_rows``
     rows, each writing straight into its rows of one output array: the hidden activations of a
-    1024-row chunk stay in cache, which made batch 4096 ~10% faster. See docs/bench.md for every
+    1024-row chunk stay in cache, which made batch 4096 10-15% faster. See docs/bench.md for every
     setting tried.
     """
 
