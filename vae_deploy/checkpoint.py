@@ -7,7 +7,6 @@ is refused before anything in it runs.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -27,6 +26,7 @@ from vae_deploy.config import (
     train_config_from_dict,
 )
 from vae_deploy.errors import CheckpointError
+from vae_deploy.manifest import sha256_file  # noqa: F401 - re-exported for callers
 from vae_deploy.model import VAE
 
 FORMAT = "vae-deploy-checkpoint"
@@ -50,14 +50,6 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_checkpoint(
