@@ -281,7 +281,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {t['target']} | {req} | {meas} | {t['margin']} |")
     lines += [
         "",
-        "Ratios are paired round by round (see docs/bench.md); samples/s are batch / p50 latency. "
+        "Ratios are paired round by round (see the README's Benchmarks section); "
+        "samples/s are batch / p50 latency. "
         "int8 rows exceed 100% of the fp32 peak because int8 (VNNI) arithmetic has a higher one.",
         "",
         "## Decoder",

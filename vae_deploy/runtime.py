@@ -79,8 +79,8 @@ class CpuPlan:
     25-34 us on one thread); on a busy machine use ``CpuPlan(small_batch_max=16, spinning=False)``.
     A batch of more than ``max_rows`` rows (0: no limit) runs as consecutive runs of ``max_rows``
     rows, each writing straight into its rows of one output array: the hidden activations of a
-    1024-row chunk stay in cache, which made batch 4096 10-15% faster. See docs/bench.md for every
-    setting tried.
+    1024-row chunk stay in cache, which made batch 4096 10-15% faster. The README's Benchmarks
+    section lists every setting tried.
     """
 
     small_batch_max: int = 0
