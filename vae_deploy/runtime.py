@@ -343,12 +343,7 @@ class _CudaGraph:
                     self.graph_error = f"{type(exc).__name__}: {exc}"
                     self._slots.clear()
                     self.graph_session = None
-            binding = self.session.io_binding()
-            binding.bind_cpu_input(self.inputs[0], x)
-            for name in self.outputs:
-                binding.bind_output(name, "cuda", self.device_id)
-            self.session.run_with_iobinding(binding)
-            return binding.copy_outputs_to_cpu()
+            return self._run_bound(x).copy_outputs_to_cpu()
 
     def run_into(self, x: np.ndarray, out: np.ndarray) -> None:
         out[...] = self.run(x)[0]
@@ -392,15 +387,19 @@ class _CudaGraph:
 
     # device out ---------------------------------------------------------------------------------
 
+    def _run_bound(self, x: np.ndarray) -> Any:
+        """One run with the input bound from host memory and outputs allocated on the device."""
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(self.inputs[0], x)
+        for name in self.outputs:
+            binding.bind_output(name, "cuda", self.device_id)
+        self.session.run_with_iobinding(binding)
+        return binding
+
     def run_device(self, x: np.ndarray) -> list[Any]:
         """Outputs as CUDA OrtValues (DLPack: ``torch.from_dlpack(value)``), freshly allocated."""
         with self._lock:
-            binding = self.session.io_binding()
-            binding.bind_cpu_input(self.inputs[0], x)
-            for name in self.outputs:
-                binding.bind_output(name, "cuda", self.device_id)
-            self.session.run_with_iobinding(binding)
-            return binding.get_outputs()
+            return self._run_bound(x).get_outputs()
 
     def run_device_into(self, x: np.ndarray, out: Any, row: int) -> None:
         """Write the first output into rows [row, row + len(x)) of a CUDA float32 OrtValue."""
