@@ -21,7 +21,8 @@ from vae_deploy.checkpoint import load_checkpoint
 from vae_deploy.cli import main
 from vae_deploy.errors import ExportError, ParityError, UsageError
 from vae_deploy.export import export, graph_specs
-from vae_deploy.manifest import EXPORT_FILES, MANIFEST, METADATA_KEYS, check_manifest, sha256_file
+from vae_deploy.files import sha256_file
+from vae_deploy.manifest import EXPORT_FILES, MANIFEST, METADATA_KEYS, check_manifest
 
 ALL = ("onnx", "torchscript", "pt2")
 QUIET = dict(log=lambda _: None)

@@ -15,9 +15,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vae_deploy.checkpoint import load_checkpoint, read_checkpoint, sha256_file
+from vae_deploy.checkpoint import load_checkpoint, read_checkpoint
 from vae_deploy.config import make_configs
 from vae_deploy.errors import CheckpointError, TrainingDiverged, UsageError
+from vae_deploy.files import sha256_file
 from vae_deploy.losses import elbo_loss, reconstruction
 from vae_deploy.training import train
 

@@ -30,7 +30,8 @@ from hypothesis import strategies as st
 from vae_deploy.checkpoint import load_checkpoint, save_safetensors
 from vae_deploy.errors import CheckpointError, ExportError, IntegrityError, UsageError, VaeDeployError
 from vae_deploy.export import export
-from vae_deploy.manifest import MANIFEST, check_manifest, manifest_files, sha256_file
+from vae_deploy.files import sha256_file
+from vae_deploy.manifest import MANIFEST, check_manifest, manifest_files
 from vae_deploy.runtime import MAX_ABS_LATENT, VAERuntime
 
 QUIET = dict(log=lambda _: None)

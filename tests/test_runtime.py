@@ -16,7 +16,8 @@ from PIL import Image
 
 from vae_deploy.cli import main
 from vae_deploy.errors import ExportError, IntegrityError, ProviderError, UsageError
-from vae_deploy.runtime import CpuPlan, VAERuntime, image_grid
+from vae_deploy.images import image_grid
+from vae_deploy.runtime import CpuPlan, VAERuntime
 
 REPO = Path(__file__).resolve().parents[1]
 

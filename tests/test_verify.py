@@ -16,7 +16,8 @@ import pytest
 from vae_deploy.cli import main
 from vae_deploy.errors import ExportError, IntegrityError
 from vae_deploy.export import export
-from vae_deploy.manifest import MANIFEST, sha256_file
+from vae_deploy.files import sha256_file
+from vae_deploy.manifest import MANIFEST
 from vae_deploy.parity import VerifyReport, check_manifest, verify
 
 QUIET = dict(log=lambda _: None)

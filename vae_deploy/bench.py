@@ -55,7 +55,8 @@ import numpy as np
 from vae_deploy import __version__
 from vae_deploy.config import ModelConfig, model_config_from_dict
 from vae_deploy.errors import ConfigError, MissingExtraError, UsageError, VaeDeployError
-from vae_deploy.manifest import MANIFEST, check_manifest, sha256_file
+from vae_deploy.files import atomic_write, sha256_file
+from vae_deploy.manifest import MANIFEST, check_manifest
 
 GRAPHS = ("decoder", "encoder")
 CPU_BACKENDS = (
@@ -1180,10 +1181,8 @@ def threads_summary(results: list[dict[str, Any]]) -> dict[str, str]:
 
 def write_json(report: BenchReport, path: str | os.PathLike) -> Path:
     """Write the report as JSON, atomically (temp file + rename)."""
-    from vae_deploy.checkpoint import atomic_write_bytes
-
     path = Path(path)
-    atomic_write_bytes(path, (json.dumps(report.to_dict(), indent=2) + "\n").encode())
+    atomic_write(path, (json.dumps(report.to_dict(), indent=2) + "\n").encode())
     return path
 
 
@@ -1246,17 +1245,12 @@ def plot_throughput(report: BenchReport | dict[str, Any], path: str | os.PathLik
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
+    buf = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        fig.savefig(buf, format="png", dpi=120)
     finally:
         plt.close(fig)
+    atomic_write(path, buf.getvalue())
     return path
 
 

@@ -11,7 +11,6 @@ import io
 import json
 import os
 import pickle
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,30 +25,11 @@ from vae_deploy.config import (
     train_config_from_dict,
 )
 from vae_deploy.errors import CheckpointError
-from vae_deploy.manifest import sha256_file  # noqa: F401 - re-exported for callers
+from vae_deploy.files import atomic_write
 from vae_deploy.model import VAE
 
 FORMAT = "vae-deploy-checkpoint"
 FORMAT_VERSION = 1
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder, fsync, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(
@@ -77,7 +57,7 @@ def save_checkpoint(
     }
     buf = io.BytesIO()
     torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
     return Path(path)
 
 
@@ -193,7 +173,7 @@ def save_safetensors(path: str | os.PathLike, model: VAE, train_config: TrainCon
         "train_config": json.dumps(to_dict(train_config) if train_config is not None else None),
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(path, save(tensors, metadata=meta))
+    atomic_write(path, save(tensors, metadata=meta))
     return Path(path)
 
 

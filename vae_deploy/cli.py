@@ -115,7 +115,7 @@ def demo(
     from vae_deploy.config import make_configs
     from vae_deploy.export import export
     from vae_deploy.parity import verify
-    from vae_deploy.runtime import sample_to_file
+    from vae_deploy.sample import sample_to_file
     from vae_deploy.training import train as run_training
 
     if Path(out, "checkpoint.pt").exists():
@@ -338,7 +338,7 @@ def sample(
     """Sample images from an export folder on onnxruntime (torch-free) and write a PNG grid or .npy."""
     from tqdm import tqdm
 
-    from vae_deploy.runtime import sample_to_file
+    from vae_deploy.sample import sample_to_file
 
     show = sys.stderr.isatty() if progress is None else progress
     with tqdm(total=n, unit="img", disable=not show or n < 1, leave=False) as bar:

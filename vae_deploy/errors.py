@@ -54,3 +54,10 @@ class TrainingDiverged(VaeDeployError):
 
 class MissingExtraError(VaeDeployError):
     """An optional dependency (e.g. matplotlib) is needed for this command."""
+
+
+def first_line(exc: BaseException, limit: int = 240) -> str:
+    """The first non-empty line of an exception's message (or its type name), for one-line errors."""
+    text = str(exc).strip()
+    line = text.splitlines()[0].strip() if text else type(exc).__name__
+    return line[:limit]

@@ -142,9 +142,9 @@ def evaluate(
 
 
 def write_json(result: EvalResult, path: str | os.PathLike) -> Path:
-    from vae_deploy.checkpoint import atomic_write_bytes
+    from vae_deploy.files import atomic_write
 
-    atomic_write_bytes(path, (json.dumps(asdict(result), indent=2) + "\n").encode())
+    atomic_write(path, (json.dumps(asdict(result), indent=2) + "\n").encode())
     return Path(path)
 
 

@@ -34,6 +34,7 @@ from vae_deploy import __version__
 from vae_deploy.checkpoint import model_from_state, read_checkpoint
 from vae_deploy.config import ModelConfig, to_dict
 from vae_deploy.errors import ExportError, ParityError, UsageError
+from vae_deploy.files import sha256_file
 from vae_deploy.manifest import (
     EXPORT_FILES,
     FORMAT,
@@ -47,7 +48,6 @@ from vae_deploy.manifest import (
     META_PRODUCER_VERSION,
     META_VALUE_RANGE,
     read_manifest,
-    sha256_file,
 )
 from vae_deploy.model import VAE
 

@@ -9,13 +9,13 @@ See docs/CONTRACT.md for the schema.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 from vae_deploy.errors import ExportError, IntegrityError
+from vae_deploy.files import sha256_file
 
 FORMAT = "vae-deploy-export"
 FORMAT_VERSION = 1
@@ -50,30 +50,6 @@ METADATA_KEYS = (
     META_PRODUCER_VERSION,
     META_FORMAT_VERSION,
 )
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write through a temp file in the same folder, then rename (usual permissions, never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_manifest(export_dir: str | os.PathLike) -> dict[str, Any]:

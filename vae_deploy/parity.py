@@ -32,7 +32,8 @@ from vae_deploy.checkpoint import model_from_state, read_checkpoint
 from vae_deploy.config import to_dict
 from vae_deploy.errors import DataError, ExportError, IntegrityError, UsageError
 from vae_deploy.export import graph_specs
-from vae_deploy.manifest import check_manifest, manifest_files, sha256_file, write_text_atomic
+from vae_deploy.files import atomic_write_text, sha256_file
+from vae_deploy.manifest import check_manifest, manifest_files
 from vae_deploy.model import VAE
 
 __all__ = ["Tolerance", "VerifyReport", "VerifyRow", "check_manifest", "compare", "tolerance_for", "verify"]
@@ -528,5 +529,5 @@ def verify(
     if note:
         report.notes.append(note)
     if json_path is not None:
-        write_text_atomic(json_path, json.dumps(report.to_dict(), indent=2) + "\n")
+        atomic_write_text(json_path, json.dumps(report.to_dict(), indent=2) + "\n")
     return report

@@ -35,11 +35,9 @@ import os
 import shutil
 import sys
 import threading
-import time
-import uuid
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -522,23 +520,6 @@ def _count(n: Any, name: str) -> int:
 # --- the runtime --------------------------------------------------------------------------------
 
 
-@dataclass
-class SampleResult:
-    """What ``sample_to_file`` did: for the CLI's report line."""
-
-    path: Path
-    n: int
-    seed: int
-    provider: str
-    seconds: float
-    fallback_reason: str | None = None
-    shape: tuple[int, ...] = field(default=())
-
-    @property
-    def samples_per_second(self) -> float:
-        return self.n / self.seconds if self.seconds > 0 else float("inf")
-
-
 class VAERuntime:
     """Decoder (and lazily the encoder) of an export folder on ONNX Runtime.
 
@@ -833,83 +814,3 @@ class VAERuntime:
             f"VAERuntime({str(self.export_dir)!r}, provider={self.provider!r}, latent_dim={self.latent_dim}, "
             f"image_shape={self.image_shape})"
         )
-
-
-# --- writing samples: PNG grid (numpy + pillow) or .npy, atomically -----------------------------
-
-SAMPLE_SUFFIXES = (".png", ".npy")
-
-
-def image_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2) -> np.ndarray:
-    """Tile images [n, C, H, W] in [0, 1] into one uint8 picture [rows, cols, C] (like make_grid)."""
-    n, c, h, w = images.shape
-    if c not in (1, 3):
-        raise UsageError(f"a PNG grid needs 1 or 3 channels, got {c}; write .npy instead")
-    ncol = _count(nrow, "nrow") if nrow is not None else max(1, math.ceil(math.sqrt(n)))
-    ncol = min(ncol, n)
-    nrows = math.ceil(n / ncol)
-    grid = np.zeros((padding + nrows * (h + padding), padding + ncol * (w + padding), c), np.uint8)
-    pixels = (np.clip(images, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8).transpose(0, 2, 3, 1)
-    for i in range(n):
-        top, left = padding + (i // ncol) * (h + padding), padding + (i % ncol) * (w + padding)
-        grid[top : top + h, left : left + w] = pixels[i]
-    return grid
-
-
-def _check_out_path(path: Path) -> None:
-    if path.suffix.lower() not in SAMPLE_SUFFIXES:
-        raise UsageError(f"--out must end in {' or '.join(SAMPLE_SUFFIXES)}, got {path.name!r}")
-    if path.is_dir():
-        raise UsageError(f"--out {path} is a folder; expected a file name ending in .png or .npy")
-
-
-def write_samples(path: str | os.PathLike, images: np.ndarray, nrow: int | None = None) -> None:
-    """Write images to ``path`` (.png grid or .npy array) via a temp file + rename: never half-written."""
-    path = Path(path)
-    _check_out_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            if path.suffix.lower() == ".npy":
-                np.save(f, images)
-            else:
-                from PIL import Image
-
-                grid = image_grid(images, nrow)
-                Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid).save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def sample_to_file(
-    export_dir: str | os.PathLike,
-    n: int,
-    out: str | os.PathLike,
-    *,
-    seed: int | None = None,
-    provider: str = "auto",
-    batch_size: int | None = None,
-    bernoulli: bool = False,
-    nrow: int | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> SampleResult:
-    """Sample n images from an export folder and write them (what ``vae-deploy sample`` does).
-
-    ``seed=None`` picks a fresh seed and reports it, so every run can be repeated.
-    """
-    out = Path(out)
-    _check_out_path(out)
-    if nrow is not None:
-        _count(nrow, "nrow")
-    seed = int(np.random.SeedSequence().entropy) if seed is None else seed
-    runtime = VAERuntime(export_dir, provider)
-    start = time.perf_counter()
-    images = runtime.sample(n, seed=seed, batch_size=batch_size, bernoulli=bernoulli, progress=progress)
-    seconds = time.perf_counter() - start
-    write_samples(out, images, nrow)
-    return SampleResult(out, n, seed, runtime.provider, seconds, runtime.fallback_reason, tuple(images.shape))

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from vae_deploy.checkpoint import atomic_write_bytes, read_checkpoint, save_checkpoint, save_safetensors
+from vae_deploy.checkpoint import read_checkpoint, save_checkpoint, save_safetensors
 from vae_deploy.config import ModelConfig, TrainConfig, model_config_from_dict, to_dict
 from vae_deploy.data import Splits, load_splits
 from vae_deploy.errors import (
@@ -31,6 +31,7 @@ from vae_deploy.errors import (
     UsageError,
     VaeDeployError,
 )
+from vae_deploy.files import atomic_write
 from vae_deploy.losses import elbo_loss
 from vae_deploy.model import VAE
 
@@ -126,7 +127,7 @@ def evaluate_split(
 
 
 def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
-    atomic_write_bytes(path, "".join(json.dumps(h) + "\n" for h in history).encode())
+    atomic_write(path, "".join(json.dumps(h) + "\n" for h in history).encode())
 
 
 def train(
@@ -194,7 +195,7 @@ def train(
         raise UsageError(f"{ckpt_path} already exists: pass --resume to continue it or choose --out")
 
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(
+    atomic_write(
         out / "config.json",
         json.dumps(
             {"model": to_dict(model_cfg), "train": to_dict(cfg), "data": splits.note}, indent=2

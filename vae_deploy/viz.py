@@ -228,13 +228,12 @@ def _png_path(out: str | os.PathLike) -> Path:
 
 
 def _save(fig: Any, out: str | os.PathLike) -> Path:
-    from vae_deploy.checkpoint import atomic_write_bytes
+    from vae_deploy.files import atomic_write
 
     out = _png_path(out)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    atomic_write_bytes(out, _palette_png(buf.getvalue()))
-    out.chmod(0o644)  # a picture, not a secret: the temp file's 0600 would hide it from others
+    atomic_write(out, _palette_png(buf.getvalue()))
     return out
 
 

@@ -1,0 +1,93 @@
+"""Files written and read safely: the one atomic writer, sha256, and stale temp-file cleanup.
+
+Every file vae-deploy writes (checkpoints, metrics, manifests, PNG/NPY outputs, reports) goes
+through :func:`atomic_write`: a temp file in the same folder, fsync, then rename, so a reader (or a
+process killed half-way) never sees half a file. Temp files are named ``.NAME.PID.RANDOM.tmp`` so
+:func:`sweep_temp_files` can remove those whose process is gone. Torch-free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+_TEMP = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{12}\.tmp")
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], None]) -> Path:
+    """Write ``data`` (bytes, or a function that writes into a binary file) to ``path`` atomically.
+
+    The file gets the usual permissions (umask applied), is fsynced before the rename, and a
+    failure at any point leaves ``path`` as it was and no temp file behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(path)
+    try:
+        with open(tmp, "xb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """:func:`atomic_write` for UTF-8 text."""
+    return atomic_write(path, text.encode("utf-8"))
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process exists (POSIX); elsewhere assume it does, so nothing of it is removed."""
+    if pid == os.getpid() or os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def sweep_temp_files(folder: str | os.PathLike) -> list[str]:
+    """Remove temp files left in ``folder`` by killed writers (their process is gone); their names."""
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        found = _TEMP.fullmatch(entry.name)
+        if found and entry.is_file() and not entry.is_symlink() and not pid_alive(int(found["pid"])):
+            entry.unlink(missing_ok=True)
+            removed.append(entry.name)
+    return removed

@@ -1,0 +1,59 @@
+"""The ``vae-deploy sample`` command as a library call: sample an export folder into a file."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from vae_deploy.images import check_out_path, grid_rows, write_samples
+from vae_deploy.runtime import VAERuntime
+
+
+@dataclass
+class SampleResult:
+    """What ``sample_to_file`` did: for the CLI's report line."""
+
+    path: Path
+    n: int
+    seed: int
+    provider: str
+    seconds: float
+    fallback_reason: str | None = None
+    shape: tuple[int, ...] = field(default=())
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.n / self.seconds if self.seconds > 0 else float("inf")
+
+
+def sample_to_file(
+    export_dir: str | os.PathLike,
+    n: int,
+    out: str | os.PathLike,
+    *,
+    seed: int | None = None,
+    provider: str = "auto",
+    batch_size: int | None = None,
+    bernoulli: bool = False,
+    nrow: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> SampleResult:
+    """Sample n images from an export folder and write them (what ``vae-deploy sample`` does).
+
+    ``seed=None`` picks a fresh seed and reports it, so every run can be repeated.
+    """
+    out = check_out_path(out)
+    if nrow is not None:
+        grid_rows(np.empty((1, 1, 1, 1)), nrow)  # checks nrow before any work
+    seed = int(np.random.SeedSequence().entropy) if seed is None else seed
+    runtime = VAERuntime(export_dir, provider)
+    start = time.perf_counter()
+    images = runtime.sample(n, seed=seed, batch_size=batch_size, bernoulli=bernoulli, progress=progress)
+    seconds = time.perf_counter() - start
+    write_samples(out, images, nrow)
+    return SampleResult(out, n, seed, runtime.provider, seconds, runtime.fallback_reason, tuple(images.shape))
