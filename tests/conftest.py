@@ -57,3 +57,18 @@ def mlp_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def conv_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small conv VAE (latent 2) trained for a few steps on synthetic data: its checkpoint path."""
     return _train_small(tmp_path_factory.mktemp("conv_run"), "conv", 2).checkpoint
+
+
+def rehash(export_dir: Path, name: str) -> None:
+    """Make the manifest agree with a (tampered) file, as an attacker who edits both would."""
+    import json
+
+    from vae_deploy.contract import MANIFEST
+    from vae_deploy.files import sha256_file
+
+    manifest = json.loads((export_dir / MANIFEST).read_text())
+    for formats in manifest["graphs"].values():
+        for entry in formats.values():
+            if entry["file"] == name:
+                entry["sha256"] = sha256_file(export_dir / name)
+    (export_dir / MANIFEST).write_text(json.dumps(manifest))

@@ -27,9 +27,7 @@ from vae_deploy.bench import (
 from vae_deploy.config import ModelConfig
 from vae_deploy.errors import IntegrityError, MissingExtraError, UsageError
 
-TINY = Budget(
-    warmup_s=0.005, round_s=0.005, min_rounds=2, max_s=0.02, matmul_n=256, matmul_repeats=1, copy_mib=4
-)
+TINY = Budget(warmup_s=0.005, round_s=0.005, min_rounds=2, max_s=0.02, matmul_n=256, matmul_repeats=1, copy_mib=4)
 ROW_KEYS = {"backend", "graph", "batch_size", "latency_ms", "samples_per_s", "fraction_of_peak"}
 
 
@@ -95,9 +93,7 @@ def test_schema_and_values(export_dir: Path, mlp_checkpoint: Path, tmp_path: Pat
     assert set(data) >= {"machine", "limits", "results"}
     assert data["limits"]["cpu_fp32_matmul_gflops"] > 0
     assert data["machine"]["cpus"] >= 1 and data["machine"]["onnxruntime"]
-    assert {(r["backend"], r["batch_size"]) for r in data["results"]} == {
-        (b, n) for b in backends for n in (1, 3)
-    }
+    assert {(r["backend"], r["batch_size"]) for r in data["results"]} == {(b, n) for b in backends for n in (1, 3)}
     flops = data["settings"]["flops_per_sample"]
     assert flops == flops_per_sample(ModelConfig(**data["settings"]["model_config"]), "decoder")
     for r in data["results"]:
@@ -134,9 +130,7 @@ def test_encoder_graph(export_dir: Path) -> None:
     )
     assert [r.backend for r in report.results] == ["eager", "onnx-cpu", "onnx-cpu-int8"]
     assert all(r.graph == "encoder" for r in report.results)
-    assert report.settings["flops_per_sample"] == flops_per_sample(
-        ModelConfig(latent_dim=8, hidden=(64,)), "encoder"
-    )
+    assert report.settings["flops_per_sample"] == flops_per_sample(ModelConfig(latent_dim=8, hidden=(64,)), "encoder")
     assert "mean_abs" in report.errors["onnx-cpu-int8"]
 
 
@@ -176,9 +170,7 @@ def test_bad_inputs_are_clear_errors(export_dir: Path, tmp_path: Path) -> None:
         run_bench(bad, backends="onnx-cpu", budget=TINY)
 
 
-def test_plot_and_missing_matplotlib(
-    export_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_plot_and_missing_matplotlib(export_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     report = run_bench(export_dir, backends="onnx-cpu", batch_sizes=(1, 2), budget=TINY, log=lambda _: None)
     path = plot_throughput(report, tmp_path / "plot.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -254,9 +246,7 @@ def test_int8_keeps_short_reductions_fp32(export_dir: Path, tmp_path: Path) -> N
     from vae_deploy.bench import quantize_int8
 
     kept = quantize_int8(export_dir / "decoder.onnx", tmp_path / "d8.onnx")
-    first = next(
-        n.name for n in onnx.load(str(export_dir / "decoder.onnx")).graph.node if n.op_type == "Gemm"
-    )
+    first = next(n.name for n in onnx.load(str(export_dir / "decoder.onnx")).graph.node if n.op_type == "Gemm")
     assert kept == [first]
     ops = [n.op_type for n in onnx.load(str(tmp_path / "d8.onnx")).graph.node]
     assert ops.count("MatMulInteger") == 1

@@ -51,9 +51,7 @@ def files(mlp_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     (root / "garbage.pt").write_bytes(b"this is not a checkpoint\n" * 10)
     data = mlp_checkpoint.read_bytes()
     (root / "truncated.pt").write_bytes(data[: len(data) // 2])
-    torch.save(
-        {"format": "vae-deploy-checkpoint", "state_dict": _Evil(str(root / "pwned"))}, root / "evil.pt"
-    )
+    torch.save({"format": "vae-deploy-checkpoint", "state_dict": _Evil(str(root / "pwned"))}, root / "evil.pt")
     (root / "evil.pkl").write_bytes(pickle.dumps({"x": _Evil(str(root / "pwned"))}))
     state = torch.load(mlp_checkpoint, weights_only=True)
     state["format_version"] = 42
@@ -287,9 +285,7 @@ def test_bad_input_is_one_line_and_the_right_exit_code(
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc is Linux")
-def test_unwritable_filesystem_is_one_line(
-    files: dict[str, Path], capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_unwritable_filesystem_is_one_line(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     """Even as root some places cannot be written: /proc refuses new files."""
     assert main(["sample", str(files["exp"]), "-n", "2", "--provider", "cpu", "--out", "/proc/s.png"]) == 1
     err = capsys.readouterr().err
@@ -318,9 +314,7 @@ def _console_script() -> Path:
         (["sample", "{exp}", "-n", "-5", "--out", "{root}/s.png"], 2, "n must be a positive integer"),
     ],
 )
-def test_console_script_errors_are_one_line(
-    files: dict[str, Path], args: list[str], code: int, expected: str
-):
+def test_console_script_errors_are_one_line(files: dict[str, Path], args: list[str], code: int, expected: str):
     """The installed `vae-deploy` entry point, in a real process."""
     cmd = [str(_console_script()), *_fill(args, files, files["root"])]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,10 +20,11 @@ import torch
 from vae_deploy import __version__
 from vae_deploy.checkpoint import load_checkpoint
 from vae_deploy.cli import main
+from vae_deploy.contract import EXPORT_FILES, MANIFEST, METADATA_KEYS, parse_manifest
 from vae_deploy.errors import ExportError, ParityError, UsageError
-from vae_deploy.export import export, graph_specs
+from vae_deploy.export import export, model_spec
 from vae_deploy.files import sha256_file
-from vae_deploy.manifest import EXPORT_FILES, MANIFEST, METADATA_KEYS, check_manifest
+from vae_deploy.manifest import check_manifest
 
 ALL = ("onnx", "torchscript", "pt2")
 QUIET = dict(log=lambda _: None)
@@ -103,7 +105,8 @@ def test_both_architectures_write_every_file_and_verify(case):
 def test_every_graph_matches_eager(case, batch):
     """Independent of vae_deploy.parity: run each file directly and compare with eager."""
     checkpoint, result = case
-    for spec in graph_specs(load_checkpoint(checkpoint).config):
+    contract = model_spec(load_checkpoint(checkpoint).config)
+    for spec in (contract.encoder(), contract.decoder()):
         x = _inputs(checkpoint, spec.name, batch)
         ref = _eager(checkpoint, spec.name, x)
         atol = 1e-5 if spec.name == "decoder" else 1e-4
@@ -158,14 +161,14 @@ def test_onnx_files_are_self_contained_checked_and_carry_metadata(case):
         assert json.loads(meta["vae_deploy.value_range"]) == [0.0, 1.0]
         assert meta["vae_deploy.precision"] == precision
         assert meta["vae_deploy.producer_version"] == __version__
-        assert meta["vae_deploy.format_version"] == "1"
+        assert meta["vae_deploy.format_version"] == "2"
+        assert json.loads(meta["vae_deploy.latent_shape"]) == [cfg.latent_dim]
+        assert float(meta["vae_deploy.scaling_factor"]) == 1.0 and float(meta["vae_deploy.shift_factor"]) == 0.0
         io = [*model.graph.input, *model.graph.output]
         assert all(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for v in io)
     half = onnx.load(str(result.out_dir / "decoder.fp16.onnx"))
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
-    assert {t.data_type for t in half.graph.initializer if t.data_type in floats} == {
-        onnx.TensorProto.FLOAT16
-    }
+    assert {t.data_type for t in half.graph.initializer if t.data_type in floats} == {onnx.TensorProto.FLOAT16}
 
 
 def test_manifest_is_complete(case):
@@ -173,11 +176,13 @@ def test_manifest_is_complete(case):
     cfg = load_checkpoint(checkpoint).config
     m = json.loads((result.out_dir / MANIFEST).read_text())
     assert m == result.manifest
-    assert m["format"] == "vae-deploy-export" and m["format_version"] == 1
+    assert m["format"] == "vae-deploy-export" and m["format_version"] == 2
     assert m["latent_dim"] == cfg.latent_dim and m["image_shape"] == list(cfg.image_shape)
+    assert m["latent_shape"] == [cfg.latent_dim] and m["value_range"] == [0.0, 1.0] and m["has_logvar"] is True
     assert m["model_config"]["arch"] == cfg.arch
-    assert m["checkpoint"] == {
-        "path": str(checkpoint),
+    assert m["source"] == {
+        "kind": "checkpoint",
+        "path": os.path.relpath(Path(checkpoint).resolve(), result.out_dir.resolve()),
         "abs_path": str(Path(checkpoint).resolve()),
         "sha256": sha256_file(checkpoint),
     }
@@ -185,12 +190,11 @@ def test_manifest_is_complete(case):
     d = cfg.latent_dim
     image = ["batch", *cfg.image_shape]
     for graph, fmt_entries in m["graphs"].items():
-        assert set(fmt_entries) == (
-            {"onnx", "torchscript", "pt2", "onnx-fp16"} if graph == "decoder" else set(ALL)
-        )
+        assert set(fmt_entries) == ({"onnx", "torchscript", "pt2", "onnx-fp16"} if graph == "decoder" else set(ALL))
         for fmt, e in fmt_entries.items():
             assert e["sha256"] == sha256_file(result.out_dir / e["file"])
             assert e["precision"] == ("fp16" if fmt == "onnx-fp16" else "fp32")
+            assert e["tolerance"]["atol"] > 0 and e["tolerance"]["rtol"] >= 0
             io = [(t["name"], t["shape"], t["dtype"]) for t in e["inputs"] + e["outputs"]]
             if graph == "encoder":
                 want = [
@@ -201,7 +205,7 @@ def test_manifest_is_complete(case):
             else:
                 want = [("z", ["batch", d], "float32"), ("x_hat", image, "float32")]
             assert io == want
-    assert check_manifest(result.out_dir) == m
+    assert check_manifest(result.out_dir) == parse_manifest(m)
 
 
 # --- the files work without vae-deploy ----------------------------------------------------------
@@ -297,7 +301,7 @@ def test_reexport_replaces_the_old_export_as_a_unit(mlp_export, conv_checkpoint,
     names = sorted(p.name for p in out.iterdir())
     assert names == ["README.md", "decoder.torchscript", "encoder.torchscript", MANIFEST, "notes.txt"]
     assert (out / "README.md").read_text() == "docs" and (out / "notes.txt").read_text() == "mine"
-    assert check_manifest(out)["model_config"]["arch"] == "conv" == result.manifest["model_config"]["arch"]
+    assert check_manifest(out).raw["model_config"]["arch"] == "conv" == result.manifest["model_config"]["arch"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]  # old export and staging gone
 
 
@@ -327,9 +331,7 @@ def _break_torchscript(monkeypatch):
     monkeypatch.setattr(export_module, "export_torchscript", broken)
 
 
-def test_failed_verification_leaves_nothing_that_looks_valid(
-    mlp_checkpoint, mlp_export, tmp_path, monkeypatch
-):
+def test_failed_verification_leaves_nothing_that_looks_valid(mlp_checkpoint, mlp_export, tmp_path, monkeypatch):
     _break_torchscript(monkeypatch)
     fresh = tmp_path / "fresh"
     with pytest.raises(ParityError, match="failed verification"):

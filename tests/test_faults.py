@@ -146,9 +146,7 @@ def test_sigkill_keeps_checkpoint_and_resume_is_bit_identical(tmp_path: Path, un
 
 def test_ctrl_c_saves_and_resumes(tmp_path: Path, uninterrupted) -> None:
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        _train_cmd(out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    proc = subprocess.Popen(_train_cmd(out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for(out / "checkpoint.pt", proc, min_step=20)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)

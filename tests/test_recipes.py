@@ -68,9 +68,7 @@ def test_recipe_trains_a_few_steps(name: str, tmp_path: Path, pytestconfig: pyte
     model_raw, train_raw = load_recipe(RECIPES / f"{name}.toml")
     root = _mnist_root(pytestconfig)
     dataset = "mnist" if root and train_raw["dataset"] == "mnist" else "synthetic"
-    train_raw.update(
-        dataset=dataset, data_root=root, max_steps=5, epochs=1, out=str(tmp_path / name), device="cpu"
-    )
+    train_raw.update(dataset=dataset, data_root=root, max_steps=5, epochs=1, out=str(tmp_path / name), device="cpu")
     model_cfg, train_cfg = make_configs(model_raw, train_raw)
     from vae_deploy.training import train
 

@@ -234,12 +234,21 @@ def test_tampered_missing_or_inconsistent_exports_are_refused(mlp_export: Path, 
 
     other = shutil.copytree(mlp_export, tmp_path / "other")
     manifest = json.loads((other / "manifest.json").read_text())
-    manifest["latent_dim"] = 5  # disagrees with the graphs
+    original = json.loads(json.dumps(manifest))
+    manifest["latent_shape"] = [5]  # the model's contract no longer matches its files' records
     (other / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ExportError, match=r"does not match manifest.json.*\[batch, 5\]"):
+    with pytest.raises(ExportError, match=r"do not match the model's contract"):
         VAERuntime(other, "cpu")
+    for formats in manifest["graphs"].values():  # records agree, the graphs themselves do not
+        for entry in formats.values():
+            for t in entry["inputs"] + entry["outputs"]:
+                if t["name"] in ("z", "mu", "logvar"):
+                    t["shape"] = ["batch", 5]
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExportError, match=r"decoder.onnx.*does not match its contract.*\[batch, 5\]"):
+        VAERuntime(other, "cpu")
+    manifest = original
     del manifest["graphs"]["decoder"]["onnx-fp16"]
-    manifest["latent_dim"] = D
     (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ExportError, match="--fp16"):
         VAERuntime(other, "cpu", precision="fp16")
@@ -289,9 +298,12 @@ def test_bad_provider_and_options(mlp_export: Path) -> None:
 
 def test_cpu_plans_give_identical_results(mlp_export: Path, rt: VAERuntime) -> None:
     single = VAERuntime(mlp_export, "cpu", intra_op_threads=1)
-    assert single._decoder.small is single._decoder.large  # one session when threads are fixed
+    one = single.engine("decoder")
+    assert one.session_for(1) is one.session_for(4096)  # one session when threads are fixed
     split = VAERuntime(mlp_export, "cpu", cpu_plan=CpuPlan(small_batch_max=4, threads=2, sample_batch=64))
-    assert split._decoder.small is not split._decoder.large and split._decoder.small_max == 4
+    two = split.engine("decoder")
+    assert two.session_for(4) is not two.session_for(5)  # batches up to 4 on the 1-thread session
+    assert two.settings_for(4)["ort_intra_op"] == 1 and two.settings_for(5)["ort_intra_op"] == 2
     want = rt.sample(700, seed=11)
     assert np.array_equal(single.sample(700, seed=11), want)
     assert np.array_equal(split.sample(700, seed=11), want)
@@ -380,9 +392,7 @@ def test_cli_sample_png_and_npy(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png", "s.npy"]  # no temp files left
 
 
-def test_cli_sample_errors_are_one_line(
-    mlp_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_cli_sample_errors_are_one_line(mlp_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cases = [
         (["--out", str(tmp_path / "s.jpg")], 2, "must end in .png or .npy"),
         (["--out", str(tmp_path / "s.png"), "-n", "0"], 2, "n must be a positive integer"),
@@ -414,7 +424,7 @@ def test_cuda_matches_cpu_and_is_seed_stable(mlp_export: Path, rt: VAERuntime) -
         z = z[::-1].copy()
     mu, logvar = gpu.encode(want[:9])
     np.testing.assert_allclose(mu, rt.encode(want[:9])[0], atol=1e-4)
-    assert gpu._decoder.graph_error is None, gpu._decoder.graph_error  # CUDA graphs really in use
+    assert gpu.engine("decoder").graph_error is None, gpu.engine("decoder").graph_error  # CUDA graphs really in use
 
 
 @pytest.mark.cuda

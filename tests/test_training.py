@@ -122,9 +122,7 @@ def test_cli_train_end_to_end(tmp_path: Path, data_root: Path, capsys) -> None:
 
 
 def test_cli_errors_are_one_line(tmp_path: Path, capsys) -> None:
-    assert (
-        main(["train", "--dataset", "mnist", "--data-root", str(tmp_path), "--out", str(tmp_path / "r")]) == 1
-    )
+    assert main(["train", "--dataset", "mnist", "--data-root", str(tmp_path), "--out", str(tmp_path / "r")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: mnist not found") and "\n" not in err
     assert main(["train", "--epochs", "0", "--dataset", "synthetic", "--out", str(tmp_path / "r")]) == 2

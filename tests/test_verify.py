@@ -12,11 +12,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import rehash
 
 from vae_deploy.cli import main
 from vae_deploy.errors import ExportError, IntegrityError
 from vae_deploy.export import export
-from vae_deploy.files import sha256_file
 from vae_deploy.manifest import MANIFEST
 from vae_deploy.parity import VerifyReport, check_manifest, verify
 
@@ -40,16 +40,6 @@ def _rewrite_manifest(folder: Path, edit) -> None:
     m = json.loads((folder / MANIFEST).read_text())
     edit(m)
     (folder / MANIFEST).write_text(json.dumps(m))
-
-
-def _rehash(folder: Path, name: str) -> None:
-    def edit(m):
-        for formats in m["graphs"].values():
-            for e in formats.values():
-                if e["file"] == name:
-                    e["sha256"] = sha256_file(folder / name)
-
-    _rewrite_manifest(folder, edit)
 
 
 # --- parity -------------------------------------------------------------------------------------
@@ -89,7 +79,7 @@ def test_verify_fails_on_an_altered_weight_even_with_a_matching_sha256(copy: Pat
     values = onnx.numpy_helper.to_array(bias) + np.float32(0.05)
     bias.CopyFrom(onnx.numpy_helper.from_array(values.astype(np.float32), bias.name))
     onnx.save_model(model, str(path))
-    _rehash(copy, "decoder.onnx")
+    rehash(copy, "decoder.onnx")
     check_manifest(copy)  # integrity is fine...
     report = verify(copy, **QUIET)
     assert not report.passed  # ...parity is not
@@ -142,7 +132,7 @@ def test_onnx_with_external_data_is_refused(copy: Path):
     path = copy / "decoder.onnx"
     model = onnx.load(str(path))
     onnx.save_model(model, str(path), save_as_external_data=True, location="weights.bin", size_threshold=0)
-    _rehash(copy, "decoder.onnx")
+    rehash(copy, "decoder.onnx")
     with pytest.raises(IntegrityError, match="decoder.onnx keeps tensor .* in external file 'weights.bin'"):
         check_manifest(copy)
 
@@ -151,7 +141,7 @@ def test_manifest_checks_do_not_import_torch(exported: Path):
     code = (
         "import sys\nfrom vae_deploy.manifest import check_manifest\n"
         f"m = check_manifest({str(exported)!r})\n"
-        "assert 'torch' not in sys.modules, 'torch imported'\nprint(sorted(m['graphs']))"
+        "assert 'torch' not in sys.modules, 'torch imported'\nprint(sorted(m.raw['graphs']))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -237,9 +237,7 @@ def test_curves_from_a_run_folder(mlp_checkpoint: Path, tmp_path: Path) -> None:
         viz.read_metrics(bad)
 
 
-def test_out_must_be_a_png_and_is_checked_first(
-    mlp_source: viz.Source, mlp_checkpoint: Path, tmp_path: Path
-) -> None:
+def test_out_must_be_a_png_and_is_checked_first(mlp_source: viz.Source, mlp_checkpoint: Path, tmp_path: Path) -> None:
     # the data root does not exist: the .png check must come before any data is read
     with pytest.raises(UsageError, match=r"\.png"):
         viz.reconstruct(mlp_source, tmp_path / "x.jpg", dataset="mnist", data_root=tmp_path / "nowhere")

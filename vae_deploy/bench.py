@@ -513,9 +513,7 @@ class _Context:
 
             if self.checkpoint is None or not self.checkpoint.is_file():
                 listed = self.manifest.get("checkpoint", {}).get("path")
-                raise Unavailable(
-                    f"checkpoint not found ({self.checkpoint or listed}); pass --checkpoint for eager"
-                )
+                raise Unavailable(f"checkpoint not found ({self.checkpoint or listed}); pass --checkpoint for eager")
             self._model = load_checkpoint(self.checkpoint)
         return getattr(self._model, self.graph)
 
@@ -679,9 +677,7 @@ def quantize_int8(src: Path, dst: Path, min_k: int = INT8_MIN_K) -> list[str]:
     shapes = {t.name: list(t.dims) for t in model.graph.initializer}
     keep = []
     for node in model.graph.node:
-        weight = (
-            shapes.get(node.input[1]) if node.op_type in ("Gemm", "MatMul") and len(node.input) > 1 else None
-        )
+        weight = shapes.get(node.input[1]) if node.op_type in ("Gemm", "MatMul") and len(node.input) > 1 else None
         if weight is None or len(weight) != 2 or not node.name:
             continue
         trans_b = any(a.name == "transB" and a.i for a in node.attribute)
@@ -721,14 +717,10 @@ def _onnx_cpu_int8(ctx: _Context) -> Backend:
 
     rt = VAERuntime(_int8_export(ctx), "cpu")
     _graph_of(rt, ctx.graph)
-    return Backend(
-        "onnx-cpu-int8", lambda x: _run_step(rt, ctx.graph, x), _runtime_backend_threads(rt, ctx.graph)
-    )
+    return Backend("onnx-cpu-int8", lambda x: _run_step(rt, ctx.graph, x), _runtime_backend_threads(rt, ctx.graph))
 
 
-def int8_error(
-    ctx: _Context, backend: Backend, fp32: Backend, rows: int = INT8_ERROR_ROWS
-) -> dict[str, float]:
+def int8_error(ctx: _Context, backend: Backend, fp32: Backend, rows: int = INT8_ERROR_ROWS) -> dict[str, float]:
     """Mean and max absolute difference of the first output (pixels, or mu) between int8 and fp32."""
     x = _inputs(ctx, rows)
     a, b = backend.prepare(x)(), fp32.prepare(x)()
@@ -794,9 +786,7 @@ def _ort_cuda_session(path: Path, cuda_graph: bool) -> Any:
     finally:
         ort.set_default_logger_severity(3)
     if sess.get_providers()[0] != "CUDAExecutionProvider":
-        raise Unavailable(
-            "onnxruntime could not use the CUDA execution provider (its session fell back to CPU)"
-        )
+        raise Unavailable("onnxruntime could not use the CUDA execution provider (its session fell back to CPU)")
     return sess
 
 

@@ -127,8 +127,7 @@ def _check_weights(weights: dict[str, Any], cfg: ModelConfig, source: str) -> No
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
-            f"{source}: weights do not fit the model config "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+            f"{source}: weights do not fit the model config (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     for key, shape in expected.items():
         t = weights[key]

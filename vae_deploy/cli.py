@@ -15,7 +15,10 @@ from typing import Any
 import click
 
 from vae_deploy import __version__
+from vae_deploy.config import ACTIVATIONS, ARCHS, DATASETS, DEVICES, LOSSES
+from vae_deploy.contract import GRAPHS
 from vae_deploy.errors import VaeDeployError
+from vae_deploy.viz import MAP_METHODS
 
 DATA_ROOT_HELP = "torchvision-style data root (ROOT/MNIST/raw/...); default: $VAE_DEPLOY_DATA"
 
@@ -44,22 +47,22 @@ def cli(debug: bool) -> None:
 
 @cli.command()
 @click.option("--recipe", type=click.Path(dir_okay=False), help="TOML recipe (train/*.toml).")
-@click.option("--arch", type=click.Choice(["mlp", "conv"]))
+@click.option("--arch", type=click.Choice(ARCHS))
 @click.option("--latent-dim", type=int)
 @click.option("--hidden", help="MLP hidden sizes, comma-separated (e.g. 400 or 512,256).")
-@click.option("--activation", type=click.Choice(["relu", "tanh"]))
+@click.option("--activation", type=click.Choice(ACTIVATIONS))
 @click.option("--epochs", type=int)
 @click.option("--batch-size", type=int)
 @click.option("--lr", type=float)
-@click.option("--loss", type=click.Choice(["bce", "mse", "l1"]))
+@click.option("--loss", type=click.Choice(LOSSES))
 @click.option("--beta", type=float, help="Weight on the KL term.")
 @click.option("--alpha", type=float, help="Weight on the reconstruction term.")
-@click.option("--dataset", type=click.Choice(["mnist", "fashion-mnist", "synthetic"]))
+@click.option("--dataset", type=click.Choice(DATASETS))
 @click.option("--data-root", help=DATA_ROOT_HELP)
 @click.option("--download/--no-download", default=None, help="Download the dataset (internet).")
 @click.option("--binarize/--no-binarize", default=None, help="Threshold pixels at 0.5.")
 @click.option("--seed", type=int)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--device", type=click.Choice(DEVICES))
 @click.option("--max-steps", type=int, help="Stop after this many optimiser steps (smoke runs).")
 @click.option("--train-limit", type=int, help="Use only the first N training images.")
 @click.option("--checkpoint-every", type=int, help="Also checkpoint every N steps (0: per epoch).")
@@ -93,7 +96,7 @@ def train(recipe: str | None, resume: bool, progress: bool | None, **opts: Any) 
 @cli.command()
 @click.option("--data-root", help=DATA_ROOT_HELP)
 @click.option("--download", is_flag=True, help="Fetch MNIST with torchvision first (needs internet).")
-@click.option("--dataset", default="mnist", type=click.Choice(["mnist", "fashion-mnist", "synthetic"]))
+@click.option("--dataset", default="mnist", type=click.Choice(DATASETS))
 @click.option("--epochs", default=5, show_default=True)
 @click.option("--out", default="runs/demo", show_default=True, help="Run folder (replaced).")
 @click.option("--export-dir", default="exported", show_default=True)
@@ -174,14 +177,14 @@ def _view_options(default_out: str) -> Any:
             click.argument("model", type=click.Path()),
             click.option(
                 "--dataset",
-                type=click.Choice(["mnist", "fashion-mnist", "synthetic"]),
+                type=click.Choice(DATASETS),
                 help="Validation data (default: what the checkpoint was trained on, else mnist).",
             ),
             click.option("--data-root", help=DATA_ROOT_HELP),
             click.option("--seed", default=0, show_default=True, help="Seed for the picks and draws."),
             click.option(
                 "--provider",
-                type=click.Choice(["auto", "cpu", "cuda"]),
+                type=click.Choice(DEVICES),
                 default="auto",
                 show_default=True,
                 help="onnxruntime provider (export folders only).",
@@ -256,7 +259,7 @@ def vary(model: str, provider: str, out: str, **opts: Any) -> None:
 @_view_options("latent-map.png")
 @click.option(
     "--method",
-    type=click.Choice(["auto", "tsne", "pca"]),
+    type=click.Choice(MAP_METHODS),
     default="auto",
     show_default=True,
     help="2-D embedding for latents above 2-D (auto: t-SNE).",
@@ -294,7 +297,7 @@ def curves(run_dir: str, out: str) -> None:
 @click.argument("checkpoint", type=click.Path())
 @click.option(
     "--dataset",
-    type=click.Choice(["mnist", "fashion-mnist", "synthetic"]),
+    type=click.Choice(DATASETS),
     help="Validation data (default: what the checkpoint was trained on).",
 )
 @click.option("--data-root", help=DATA_ROOT_HELP)
@@ -302,7 +305,7 @@ def curves(run_dir: str, out: str) -> None:
 @click.option("--limit", type=int, help="Evaluate only the first N validation images.")
 @click.option("--binarize/--no-binarize", default=None, help="Default: as the checkpoint was trained.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--json", "json_out", help="Also write the result to this JSON file.")
 def evaluate(checkpoint: str, json_out: str | None, **opts: Any) -> None:
     """-ELBO and IWAE NLL bound in nats/image.
@@ -327,7 +330,7 @@ def evaluate(checkpoint: str, json_out: str | None, **opts: Any) -> None:
 @click.option("-n", "n", default=64, show_default=True, type=int, help="Number of samples.")
 @click.option("--seed", type=click.IntRange(min=0), help="Seed (default: a fresh one, printed).")
 @click.option("--out", required=True, help="Output file: .png (grid) or .npy ([n, C, H, W] float32).")
-@click.option("--provider", default="auto", show_default=True, type=click.Choice(["auto", "cuda", "cpu"]))
+@click.option("--provider", default="auto", show_default=True, type=click.Choice(DEVICES))
 @click.option("--batch-size", type=int, help="Samples per run (speed/memory only; results do not change).")
 @click.option("--bernoulli", is_flag=True, help="Draw 0/1 pixels from the decoded probabilities.")
 @click.option("--nrow", type=int, help="Images per row of the PNG grid (default: square).")
@@ -343,9 +346,7 @@ def sample(
     show = sys.stderr.isatty() if progress is None else progress
     with tqdm(total=n, unit="img", disable=not show or n < 1, leave=False) as bar:
         result = sample_to_file(export_dir, n, out, seed=seed, provider=provider, progress=bar.update, **opts)
-    why = (
-        f" (CUDA not used: {result.fallback_reason})" if provider == "auto" and result.fallback_reason else ""
-    )
+    why = f" (CUDA not used: {result.fallback_reason})" if provider == "auto" and result.fallback_reason else ""
     click.echo(f"provider: {result.provider}{why}")
     click.echo(
         f"wrote {result.n} samples (seed {result.seed}) to {result.path}: {result.seconds:.2f} s, "
@@ -395,9 +396,7 @@ def export_command(
 
 @cli.command("verify")
 @click.argument("export_dir", type=click.Path(file_okay=False))
-@click.option(
-    "--checkpoint", type=click.Path(dir_okay=False), help="Eager reference (default: the manifest's)."
-)
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Eager reference (default: the manifest's).")
 @click.option("--data-root", help=DATA_ROOT_HELP + " (real images; else seeded random inputs)")
 @click.option("--batch-sizes", default="1,7,256", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the report as JSON.")
@@ -432,7 +431,7 @@ def verify_command(
     "onnx-cuda, onnx-cuda-graph, onnx-cuda-fp16.",
 )
 @click.option("--batch-sizes", help="Comma-separated (default 1,8,64,512,4096; with --quick 1,64).")
-@click.option("--graph", default="decoder", show_default=True, type=click.Choice(["decoder", "encoder"]))
+@click.option("--graph", default="decoder", show_default=True, type=click.Choice(GRAPHS))
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the results as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Throughput vs batch size (.png; matplotlib).")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Eager model (default: the manifest's).")

@@ -22,6 +22,7 @@ ARCHS = ("mlp", "conv")
 ACTIVATIONS = ("relu", "tanh")
 LOSSES = ("bce", "mse", "l1")
 DATASETS = ("mnist", "fashion-mnist", "synthetic")
+DEVICES = ("auto", "cpu", "cuda")  # training devices and runtime providers alike
 
 
 @dataclass(frozen=True)

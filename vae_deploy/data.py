@@ -95,9 +95,7 @@ def _via_torchvision(name: str, root: Path, download: bool) -> tuple[Tensor, ...
     return tr.data.unsqueeze(1), tr.targets, te.data.unsqueeze(1), te.targets
 
 
-def synthetic(
-    n: int = 2000, seed: int = 0, shape: tuple[int, int, int] = (1, 28, 28)
-) -> tuple[Tensor, Tensor]:
+def synthetic(n: int = 2000, seed: int = 0, shape: tuple[int, int, int] = (1, 28, 28)) -> tuple[Tensor, Tensor]:
     """Deterministic plumbing data: 10 smooth blob prototypes plus noise, in [0,1], with labels."""
     g = torch.Generator().manual_seed(seed)
     c, h, w = shape

@@ -45,7 +45,11 @@ class ParityError(ExportError):
 
 
 class ProviderError(VaeDeployError):
-    """An execution provider (e.g. CUDA) was asked for but cannot run."""
+    """An execution provider (e.g. CUDA) was asked for but cannot run; ``reason`` says why."""
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 class TrainingDiverged(VaeDeployError):

@@ -50,9 +50,7 @@ class EvalResult:
 
 
 @torch.no_grad()
-def log_weights(
-    model: VAE, x: Tensor, k: int, generator: torch.Generator | None = None
-) -> tuple[Tensor, Tensor]:
+def log_weights(model: VAE, x: Tensor, k: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Importance log-weights [k, N] of x [N,C,H,W] under ``model``, and the per-image ELBO [N]
     (log p(x|z) averaged over the same k samples, minus the analytic KL)."""
     if k < 1:

@@ -33,23 +33,23 @@ from torch import Tensor, nn
 from vae_deploy import __version__
 from vae_deploy.checkpoint import model_from_state, read_checkpoint
 from vae_deploy.config import ModelConfig, to_dict
-from vae_deploy.errors import ExportError, ParityError, UsageError
-from vae_deploy.files import sha256_file
-from vae_deploy.manifest import (
+from vae_deploy.contract import (
+    DECODER,
     EXPORT_FILES,
-    FORMAT,
-    FORMAT_VERSION,
     MANIFEST,
-    META_FORMAT_VERSION,
-    META_GRAPH,
-    META_IMAGE_SHAPE,
-    META_LATENT_DIM,
-    META_PRECISION,
-    META_PRODUCER_VERSION,
-    META_VALUE_RANGE,
-    read_manifest,
+    PRECISION,
+    FileEntry,
+    GraphSpec,
+    ModelSpec,
+    TensorSpec,
+    file_name,
+    manifest_dict,
 )
+from vae_deploy.errors import ExportError, ParityError, UsageError, first_line
+from vae_deploy.files import atomic_write_text, pid_alive, sha256_file
+from vae_deploy.manifest import read_manifest
 from vae_deploy.model import VAE
+from vae_deploy.parity import compare
 
 FORMATS = ("onnx", "torchscript", "pt2")
 DEFAULT_FORMATS = ("onnx", "torchscript")
@@ -57,84 +57,38 @@ EXAMPLE_BATCH = 2  # torch.export specialises example sizes 0 and 1, so trace wi
 VALUE_RANGE = (0.0, 1.0)
 MIN_OPSET = 18  # the dynamo exporter implements opset >= 18; its down-conversion to 17 breaks Split
 KEEP_FILES = ("README.md", ".gitignore", ".gitkeep")  # may sit in an output folder before any export
-SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript", "pt2": ".pt2"}
 
 
-# --- the I/O declaration of each graph ----------------------------------------------------------
+# --- the contract of our models, and what torch needs from it -----------------------------------
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """One input or output. ``shape[0]`` is the dynamic axis ``"batch"``; ``value_range`` is None
-    for unbounded values (latents), else the closed interval the values lie in."""
-
-    name: str
-    shape: tuple[str | int, ...]
-    value_range: tuple[float, float] | None = None
-    dtype: str = "float32"
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
-        if self.value_range is not None:
-            out["range"] = list(self.value_range)
-        return out
-
-    def example(self, batch: int, generator: torch.Generator) -> Tensor:
-        """An example value: uniform in ``value_range``, else standard normal (latents)."""
-        size = (batch, *self.shape[1:])
-        if self.value_range is None:
-            return torch.randn(size, generator=generator)
-        lo, hi = self.value_range
-        return lo + (hi - lo) * torch.rand(size, generator=generator)
+def model_spec(cfg: ModelConfig, source: dict[str, Any] | None = None) -> ModelSpec:
+    """The export contract of one of our models: vector latents, images in [0, 1]."""
+    return ModelSpec((cfg.latent_dim,), tuple(cfg.image_shape), VALUE_RANGE, source=source or {})
 
 
-@dataclass(frozen=True)
-class GraphSpec:
-    """Everything every exporter and the manifest need to know about one graph, in one place."""
-
-    name: str  # "encoder" | "decoder": also the VAE attribute holding the module
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-
-    @property
-    def input_names(self) -> list[str]:
-        return [t.name for t in self.inputs]
-
-    @property
-    def output_names(self) -> list[str]:
-        return [t.name for t in self.outputs]
-
-    def module(self, model: VAE) -> nn.Module:
-        return getattr(model, self.name)
-
-    def example_inputs(self, batch: int = EXAMPLE_BATCH, seed: int = 0) -> tuple[Tensor, ...]:
-        g = torch.Generator().manual_seed(seed)
-        return tuple(t.example(batch, g) for t in self.inputs)
-
-    def dynamic_shapes(self) -> tuple[dict[int, Any], ...]:
-        """torch.export dynamic shapes: axis 0 of every input is the shared, named batch axis."""
-        batch = torch.export.Dim("batch", min=1)
-        return tuple({0: batch} for _ in self.inputs)
-
-    def io(self) -> dict[str, list[dict[str, Any]]]:
-        return {"inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs]}
+def module_of(model: VAE, spec: GraphSpec) -> nn.Module:
+    return getattr(model, spec.name)
 
 
-def graph_specs(cfg: ModelConfig) -> tuple[GraphSpec, GraphSpec]:
-    """The encoder and decoder declarations of a model config."""
-    image = ("batch", *cfg.image_shape)
-    latent = ("batch", cfg.latent_dim)
-    encoder = GraphSpec(
-        "encoder",
-        inputs=(TensorSpec("x", image, VALUE_RANGE),),
-        outputs=(TensorSpec("mu", latent), TensorSpec("logvar", latent)),
-    )
-    decoder = GraphSpec(
-        "decoder",
-        inputs=(TensorSpec("z", latent),),
-        outputs=(TensorSpec("x_hat", image, VALUE_RANGE),),
-    )
-    return encoder, decoder
+def example_inputs(spec: GraphSpec, batch: int = EXAMPLE_BATCH, seed: int = 0) -> tuple[Tensor, ...]:
+    """Example values: uniform in an input's value range (images), else standard normal (latents)."""
+    g = torch.Generator().manual_seed(seed)
+    return tuple(_example(t, batch, g) for t in spec.inputs)
+
+
+def _example(t: TensorSpec, batch: int, g: torch.Generator) -> Tensor:
+    size = (batch, *t.row_shape)
+    if t.value_range is None:
+        return torch.randn(size, generator=g)
+    lo, hi = t.value_range
+    return lo + (hi - lo) * torch.rand(size, generator=g)
+
+
+def dynamic_shapes(spec: GraphSpec) -> tuple[dict[int, Any], ...]:
+    """torch.export dynamic shapes: axis 0 of every input is the shared, named batch axis."""
+    batch = torch.export.Dim("batch", min=1)
+    return tuple({0: batch} for _ in spec.inputs)
 
 
 # --- one function per format --------------------------------------------------------------------
@@ -156,31 +110,16 @@ def _quiet() -> Iterator[None]:
                 lg.setLevel(level)
 
 
-def _metadata(model: Any, spec: GraphSpec, cfg: ModelConfig, precision: str) -> None:
+def _set_metadata(model: Any, spec: GraphSpec, contract: ModelSpec) -> None:
     """Set the contract's metadata_props so an app with only onnxruntime can read them."""
-    props = {
-        META_GRAPH: spec.name,
-        META_LATENT_DIM: str(cfg.latent_dim),
-        META_IMAGE_SHAPE: json.dumps(list(cfg.image_shape)),
-        META_VALUE_RANGE: json.dumps(list(VALUE_RANGE)),
-        META_PRECISION: precision,
-        META_PRODUCER_VERSION: __version__,
-        META_FORMAT_VERSION: str(FORMAT_VERSION),
-    }
+    props = contract.metadata(spec.name, spec.precision, __version__)
     kept = [p for p in model.metadata_props if p.key not in props]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
     for key, value in props.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
-    model.doc_string = f"vae-deploy {spec.name} ({precision}): {_signature(spec)}"
-
-
-def _signature(spec: GraphSpec) -> str:
-    def fmt(ts: tuple[TensorSpec, ...]) -> str:
-        return ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in ts)
-
-    return f"{fmt(spec.inputs)} -> {fmt(spec.outputs)}"
+    model.doc_string = f"vae-deploy {spec.name} ({spec.precision}): {spec.signature()}"
 
 
 def _save_onnx(model: Any, path: Path) -> None:
@@ -195,17 +134,15 @@ def _save_onnx(model: Any, path: Path) -> None:
         raise ExportError(f"{path.name} failed the ONNX checker: {first[:200]}") from None
 
 
-def export_onnx(
-    module: nn.Module, spec: GraphSpec, cfg: ModelConfig, path: Path, opset: int | None = None
-) -> Any:
+def export_onnx(module: nn.Module, spec: GraphSpec, contract: ModelSpec, path: Path, opset: int | None = None) -> Any:
     """Export with the dynamo (torch.export-based) exporter; return the ONNX ModelProto written."""
     try:
         with _quiet():
             program = torch.onnx.export(
                 module,
-                spec.example_inputs(),
+                example_inputs(spec),
                 dynamo=True,
-                dynamic_shapes=spec.dynamic_shapes(),
+                dynamic_shapes=dynamic_shapes(spec),
                 input_names=spec.input_names,
                 output_names=spec.output_names,
                 opset_version=opset,
@@ -213,33 +150,30 @@ def export_onnx(
             )
         model = program.model_proto
     except Exception as exc:  # noqa: BLE001 - exporter internals raise many types
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"ONNX export of the {spec.name} failed: {msg[:300]}") from None
+        raise ExportError(f"ONNX export of the {spec.name} failed: {first_line(exc, 300)}") from None
     got = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is not None and got != opset:
         raise ExportError(
             f"the ONNX exporter could not produce opset {opset} for the {spec.name} (it made {got}); "
             f"use --opset {got} or higher"
         )
-    _metadata(model, spec, cfg, "fp32")
+    _set_metadata(model, spec, contract)
     _save_onnx(model, path)
     return model
 
 
-def export_onnx_fp16(model_fp32: Any, spec: GraphSpec, cfg: ModelConfig, path: Path) -> None:
+def export_onnx_fp16(model_fp32: Any, spec: GraphSpec, contract: ModelSpec, path: Path) -> None:
     """Half-precision weights and arithmetic inside, float32 I/O (a drop-in for the fp32 file)."""
     import onnx
     import onnx_ir
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     with _quiet():
-        half = convert_float_to_float16(
-            onnx.ModelProto.FromString(model_fp32.SerializeToString()), keep_io_types=True
-        )
+        half = convert_float_to_float16(onnx.ModelProto.FromString(model_fp32.SerializeToString()), keep_io_types=True)
         ir_model = onnx_ir.from_proto(half)
         ir_model.graph.sort()  # the converter appends its input Casts after their users
         half = onnx_ir.to_proto(ir_model)
-    _metadata(half, spec, cfg, "fp16")
+    _set_metadata(half, spec, contract)
     _save_onnx(half, path)
 
 
@@ -248,14 +182,14 @@ def export_torchscript(module: nn.Module, spec: GraphSpec, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.jit\.")
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        traced = torch.jit.trace(module, spec.example_inputs(), check_trace=False)
+        traced = torch.jit.trace(module, example_inputs(spec), check_trace=False)
         torch.jit.save(traced, str(path))
 
 
 def export_pt2(module: nn.Module, spec: GraphSpec, path: Path) -> None:
     """torch.export ExportedProgram with a dynamic batch axis (TorchScript's supported successor)."""
     with _quiet():
-        program = torch.export.export(module, spec.example_inputs(), dynamic_shapes=spec.dynamic_shapes())
+        program = torch.export.export(module, example_inputs(spec), dynamic_shapes=dynamic_shapes(spec))
         torch.export.save(program, str(path))
 
 
@@ -293,10 +227,16 @@ def export(
     checkpoint = Path(checkpoint)
     state = read_checkpoint(checkpoint)
     model = model_from_state(state, str(checkpoint))
-    cfg = model.config
     out_dir = Path(out)
     target = out_dir.resolve()
     _check_target(target)
+    source = {
+        "kind": "checkpoint",
+        "path": os.path.relpath(checkpoint.resolve(), target),  # found from the export folder
+        "abs_path": str(checkpoint.resolve()),
+        "sha256": sha256_file(checkpoint),
+    }
+    contract = model_spec(model.config, source)
     # A sibling of the target (same filesystem, so the final moves are renames); mkdir, not
     # mkdtemp, so the folder gets the user's usual permissions rather than 0700. The pid in the
     # name lets a later export sweep the staging folders of killed ones (_sweep_leftovers).
@@ -308,53 +248,37 @@ def export(
     except OSError as exc:
         raise ExportError(f"cannot write to {target.parent}: {exc.strerror or exc}") from None
     try:
-        graphs, seconds, opset_used = _write_graphs(model, formats, opset, fp16, staging, log)
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "producer": "vae-deploy",
-            "producer_version": __version__,
-            "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "latent_dim": cfg.latent_dim,
-            "image_shape": list(cfg.image_shape),
-            "value_range": list(VALUE_RANGE),
-            "model_config": to_dict(cfg),
-            "checkpoint": {
-                "path": str(checkpoint),
-                "abs_path": str(checkpoint.resolve()),
-                "sha256": sha256_file(checkpoint),
-            },
-            "training": {
-                k: (state.get("train_config") or {}).get(k) for k in ("dataset", "binarize", "loss")
-            },
-            "opset": opset_used,
-            "torch_version": torch.__version__,
-            "graphs": graphs,
-        }
+        files, seconds, opset_used = _write_graphs(model, contract, formats, opset, fp16, staging, log)
+        manifest = manifest_dict(
+            contract,
+            files,
+            producer="vae-deploy",
+            producer_version=__version__,
+            created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            model_config=to_dict(model.config),
+            training={k: (state.get("train_config") or {}).get(k) for k in ("dataset", "binarize", "loss")},
+            opset=opset_used,
+            torch_version=torch.__version__,
+        )
         report = None
         if verify:
-            from vae_deploy.parity import compare
-
             t0 = time.perf_counter()
             report = compare(
-                staging, manifest, model, train_config=state.get("train_config"), data_root=data_root, log=log
+                staging, files, model, train_config=state.get("train_config"), data_root=data_root, log=log
             )
             seconds["verify"] = time.perf_counter() - t0
             if not report.passed:
-                raise ParityError(
-                    f"export failed verification ({report.summary()}); {out_dir} was not changed"
-                )
+                raise ParityError(f"export failed verification ({report.summary()}); {out_dir} was not changed")
             manifest["verification"] = {"passed": True, "summary": report.summary()}
         else:
             manifest["verification"] = {"passed": None, "summary": "not verified (--no-verify)"}
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")  # last
+        atomic_write_text(staging / MANIFEST, json.dumps(manifest, indent=2) + "\n")  # last
         _install(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    files = sum(len(entries) for entries in graphs.values())
     took = sum(v for k, v in seconds.items() if k != "verify")
     checked = f", verified in {seconds['verify']:.1f} s" if "verify" in seconds else ", not verified"
-    log(f"exported {files} files ({', '.join(formats)}) to {out_dir} in {took:.1f} s{checked}")
+    log(f"exported {len(files)} files ({', '.join(formats)}) to {out_dir} in {took:.1f} s{checked}")
     return ExportResult(out_dir, manifest, report, seconds)
 
 
@@ -377,46 +301,38 @@ def _check_formats(formats: Sequence[str] | str, fp16: bool, opset: int | None) 
 
 def _write_graphs(
     model: VAE,
+    contract: ModelSpec,
     formats: tuple[str, ...],
     opset: int | None,
     fp16: bool,
     folder: Path,
     log: Callable[[str], None],
-) -> tuple[dict[str, Any], dict[str, float], int | None]:
+) -> tuple[list[FileEntry], dict[str, float], int | None]:
     """Write every requested file of both graphs into ``folder``; return their manifest entries."""
-    cfg = model.config
-    graphs: dict[str, Any] = {}
+    files: list[FileEntry] = []
     seconds: dict[str, float] = {}
     opset_used = None
-    for spec in graph_specs(cfg):
-        module = spec.module(model)
-        entries: dict[str, Any] = {}
-        for fmt in formats:
-            path = folder / f"{spec.name}{SUFFIX[fmt]}"
+    for graph in (contract.encoder(), contract.decoder()):
+        module = module_of(model, graph)
+        wanted = [f for f in formats] + (["onnx-fp16"] if fp16 and graph.name == DECODER else [])
+        for fmt in wanted:
+            spec = contract.graph(graph.name, PRECISION[fmt])
+            path = folder / file_name(graph.name, fmt)
             t0 = time.perf_counter()
             if fmt == "onnx":
-                onnx_model = export_onnx(module, spec, cfg, path, opset)
+                onnx_model = export_onnx(module, spec, contract, path, opset)
                 opset_used = next(o.version for o in onnx_model.opset_import if o.domain in ("", "ai.onnx"))
+            elif fmt == "onnx-fp16":
+                export_onnx_fp16(onnx_model, spec, contract, path)
             elif fmt == "torchscript":
                 export_torchscript(module, spec, path)
             else:
                 export_pt2(module, spec, path)
-            seconds[f"{spec.name}.{fmt}"] = time.perf_counter() - t0
-            entries[fmt] = _entry(path, spec, "fp32")
-            if fmt == "onnx" and fp16 and spec.name == "decoder":
-                path16 = folder / f"{spec.name}.fp16.onnx"
-                t0 = time.perf_counter()
-                export_onnx_fp16(onnx_model, spec, cfg, path16)
-                seconds[f"{spec.name}.onnx-fp16"] = time.perf_counter() - t0
-                entries["onnx-fp16"] = _entry(path16, spec, "fp16")
-        graphs[spec.name] = entries
-        timed = [f"{e['file']} {seconds[f'{spec.name}.{k}']:.1f} s" for k, e in entries.items()]
-        log(f"{spec.name}: {', '.join(timed)}")
-    return graphs, seconds, opset_used
-
-
-def _entry(path: Path, spec: GraphSpec, precision: str) -> dict[str, Any]:
-    return {"file": path.name, "sha256": sha256_file(path), "precision": precision, **spec.io()}
+            seconds[f"{graph.name}.{fmt}"] = time.perf_counter() - t0
+            files.append(FileEntry(graph.name, fmt, path.name, sha256_file(path), spec))
+        timed = [f"{e.file} {seconds[f'{graph.name}.{e.format}']:.1f} s" for e in files if e.graph == graph.name]
+        log(f"{graph.name}: {', '.join(timed)}")
+    return files, seconds, opset_used
 
 
 # --- atomic install -----------------------------------------------------------------------------
@@ -517,22 +433,9 @@ def _sweep_leftovers(target: Path) -> None:
         return
     for entry in entries:
         found = _LEFTOVER.fullmatch(entry.name[len(prefix) :]) if entry.name.startswith(prefix) else None
-        if found is None or not entry.is_dir() or _alive(int(found.group(2))):
+        if found is None or not entry.is_dir() or pid_alive(int(found.group(2))):
             continue
         if found.group(1) == "old" and not target.exists():
             os.replace(entry, target)
         else:
             shutil.rmtree(entry, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    """Whether a process exists (POSIX); elsewhere assume it does, so nothing is swept."""
-    if pid == os.getpid() or os.name != "posix":
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True

@@ -1,59 +1,31 @@
-"""The export folder's index (manifest.json) and the integrity checks every consumer runs first.
+"""An export folder's integrity: read its manifest, and hand out only files that are what it lists.
 
-Torch-free on purpose: verify, the onnxruntime-only runtime and bench all call ``check_manifest``
-before loading a single graph. It refuses a folder whose manifest is missing or garbage, any
-listed file that is missing or whose sha256 differs, any file name that points outside the folder,
-and ONNX files that pull weights from external-data files (exports are self-contained).
-See docs/CONTRACT.md for the schema.
+Rules (docs/CONTRACT.md): a listed file is a plain name of a regular file inside the folder (no
+paths, no links); its bytes must match the manifest's sha256, and the bytes that were hashed are
+the bytes that are used (:func:`read_verified` returns them, the runtime builds its sessions from
+them), so nothing can be swapped in between. Errors name the file but never print a digest or
+anything else about what a file holds. Torch-free and onnx-free (the external-data walk of
+:func:`check_manifest` imports onnx only where it is installed).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
+from vae_deploy.contract import MANIFEST, FileEntry, Manifest, parse_manifest
 from vae_deploy.errors import ExportError, IntegrityError
-from vae_deploy.files import sha256_file
+from vae_deploy.files import sha256_bytes, sha256_file
 
-FORMAT = "vae-deploy-export"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-
-# Every file name an export may contain (docs/CONTRACT.md); anything else in the folder is not ours.
-EXPORT_FILES = (
-    MANIFEST,
-    "encoder.onnx",
-    "decoder.onnx",
-    "decoder.fp16.onnx",
-    "encoder.torchscript",
-    "decoder.torchscript",
-    "encoder.pt2",
-    "decoder.pt2",
-)
-
-# ONNX metadata_props keys (all values are strings).
-META_GRAPH = "vae_deploy.graph"
-META_LATENT_DIM = "vae_deploy.latent_dim"
-META_IMAGE_SHAPE = "vae_deploy.image_shape"
-META_VALUE_RANGE = "vae_deploy.value_range"
-META_PRECISION = "vae_deploy.precision"
-META_PRODUCER_VERSION = "vae_deploy.producer_version"
-META_FORMAT_VERSION = "vae_deploy.format_version"
-METADATA_KEYS = (
-    META_GRAPH,
-    META_LATENT_DIM,
-    META_IMAGE_SHAPE,
-    META_VALUE_RANGE,
-    META_PRECISION,
-    META_PRODUCER_VERSION,
-    META_FORMAT_VERSION,
-)
+MAX_MANIFEST_BYTES = 4 << 20  # a manifest is a few KB; refuse to parse megabytes of JSON
+MAX_GRAPH_BYTES = 16 << 30  # far above any VAE (the SD decoder is ~200 MB)
 
 
-def read_manifest(export_dir: str | os.PathLike) -> dict[str, Any]:
-    """Parse ``DIR/manifest.json`` and check its format and shape (not the files' hashes)."""
+def read_manifest(export_dir: str | os.PathLike) -> Manifest:
+    """Parse and check ``DIR/manifest.json`` (its fields, not yet the files' hashes)."""
     export_dir = Path(export_dir)
     if not export_dir.is_dir():
         raise ExportError(f"export folder not found: {export_dir} (create one with `vae-deploy export`)")
@@ -64,96 +36,119 @@ def read_manifest(export_dir: str | os.PathLike) -> dict[str, Any]:
             "(create one with `vae-deploy export CHECKPOINT --out DIR`)"
         )
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise ExportError(f"{path} is larger than a manifest can be ({MAX_MANIFEST_BYTES >> 20} MB)")
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ExportError(f"{path} is not valid JSON ({exc}); re-export the folder") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ExportError(f"{path} is not a vae-deploy export manifest (expected format={FORMAT!r})")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version < 1:
-        raise ExportError(f"{path} has no valid format_version (expected an integer >= 1)")
-    if version > FORMAT_VERSION:
-        raise ExportError(
-            f"{path} has export format {version}, newer than this vae-deploy understands "
-            f"({FORMAT_VERSION}); upgrade vae-deploy"
-        )
-    graphs = manifest.get("graphs")
-    if not isinstance(graphs, dict) or not graphs:
-        raise ExportError(f"{path} lists no graphs (expected graphs -> encoder/decoder -> format)")
-    for graph, formats in graphs.items():
-        if not isinstance(formats, dict) or not formats:
-            raise ExportError(f"{path}: graph {graph!r} lists no files")
-        for fmt, entry in formats.items():
-            if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
-                raise ExportError(f"{path}: graphs.{graph}.{fmt} has no 'file'")
-            if not isinstance(entry.get("sha256"), str):
-                raise ExportError(f"{path}: graphs.{graph}.{fmt} has no 'sha256'")
-    return manifest
+        raise ExportError(f"{path} is not valid JSON ({type(exc).__name__}); re-export the folder") from None
+    except RecursionError:
+        raise ExportError(f"{path} is nested too deeply to be a manifest; re-export the folder") from None
+    return parse_manifest(data, str(path))
 
 
-def manifest_files(manifest: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
-    """``(graph, format, entry)`` for every file the manifest lists, in manifest order."""
-    return [(g, fmt, e) for g, formats in manifest["graphs"].items() for fmt, e in formats.items()]
-
-
-def _safe_name(export_dir: Path, name: str) -> Path:
-    """A listed file must be a plain file name inside the folder (no paths, no ``..``)."""
-    if not name or name in (".", "..") or "/" in name or "\\" in name or Path(name).is_absolute():
-        raise IntegrityError(f"manifest lists {name!r}: expected a plain file name inside {export_dir}")
-    return export_dir / name
-
-
-def check_manifest(export_dir: str | os.PathLike) -> dict[str, Any]:
-    """Load the manifest and check every listed file (present, sha256, self-contained) before use.
-
-    Raises ``ExportError`` for a missing/garbage manifest or a folder that is not an export, and
-    ``IntegrityError`` naming the file for a missing or modified file.
-    """
+def listed_path(export_dir: str | os.PathLike, entry: FileEntry) -> Path:
+    """The path of a listed file: a plain name inside the folder, a regular file, not a link."""
     export_dir = Path(export_dir)
+    name = entry.file
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name or Path(name).is_absolute():
+        raise IntegrityError(f"manifest lists {name!r}: expected a plain file name inside {export_dir}")
+    path = export_dir / name
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        raise IntegrityError(f"{name} is missing from {export_dir} (listed for {entry.graph} {entry.format})") from None
+    except OSError as exc:
+        raise IntegrityError(f"{name} in {export_dir} cannot be read ({exc.strerror})") from None
+    if stat.S_ISLNK(mode) or not stat.S_ISREG(mode):
+        kind = "a link" if stat.S_ISLNK(mode) else "not a regular file"
+        raise IntegrityError(f"{name} in {export_dir} is {kind}; export files must be regular files")
+    return path
+
+
+def read_verified(export_dir: str | os.PathLike, entry: FileEntry) -> bytes:
+    """The bytes of one listed file, read once (no links followed) and checked against its sha256."""
+    path = listed_path(export_dir, entry)
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise IntegrityError(f"{entry.file} in {path.parent} cannot be opened ({exc.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_GRAPH_BYTES:
+            raise IntegrityError(f"{entry.file} in {path.parent} is not a regular file of a sane size")
+        data = f.read()
+    if sha256_bytes(data) != entry.sha256:
+        raise _mismatch(path, entry)
+    return data
+
+
+def check_file(export_dir: str | os.PathLike, entry: FileEntry) -> Path:
+    """Check one listed file's sha256 without keeping its bytes (for files torch will open)."""
+    path = listed_path(export_dir, entry)
+    if sha256_file(path) != entry.sha256:
+        raise _mismatch(path, entry)
+    return path
+
+
+def _mismatch(path: Path, entry: FileEntry) -> IntegrityError:
+    return IntegrityError(
+        f"{path.name} in {path.parent} does not match its sha256 in {MANIFEST} (listed for "
+        f"{entry.graph} {entry.format}): the file was modified or corrupted; re-export"
+    )
+
+
+def check_manifest(export_dir: str | os.PathLike) -> Manifest:
+    """Load the manifest and check every listed file (regular file, sha256, self-contained ONNX).
+
+    ``ExportError`` for a missing/garbage manifest, ``IntegrityError`` naming the file otherwise.
+    """
     manifest = read_manifest(export_dir)
-    for graph, fmt, entry in manifest_files(manifest):
-        path = _safe_name(export_dir, entry["file"])
-        if not path.is_file():
-            raise IntegrityError(f"{path.name} is missing from {export_dir} (listed for {graph} {fmt})")
-        digest = sha256_file(path)
-        if digest != entry["sha256"]:
-            raise IntegrityError(
-                f"{path.name} in {export_dir} does not match the manifest (sha256 {digest[:12]}..., "
-                f"expected {entry['sha256'][:12]}...): the file was modified or corrupted; re-export"
-            )
-        if path.suffix == ".onnx":
-            check_onnx_self_contained(path)
+    for entry in manifest.files:
+        if entry.format.startswith("onnx"):
+            check_onnx_self_contained(read_verified(export_dir, entry), entry.file)
+        else:
+            check_file(export_dir, entry)
     return manifest
 
 
-def check_onnx_self_contained(path: str | os.PathLike) -> None:
-    """Refuse an ONNX file with any tensor stored in an external-data file (exports never have one)."""
-    import onnx  # torch-free; loaded only here so ``import vae_deploy.manifest`` stays light
+def check_onnx_self_contained(model: bytes, name: str) -> None:
+    """Refuse ONNX bytes that are not a model or keep any tensor in an external-data file.
 
-    path = Path(path)
+    Where ``onnx`` is not installed (the runtime-only install) only the loader's check applies:
+    onnxruntime refuses external data in a model created from bytes.
+    """
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        import onnx
+    except ImportError:
+        return
+    try:
+        proto = onnx.ModelProto.FromString(model)
     except Exception as exc:  # noqa: BLE001 - truncated or non-ONNX bytes
-        raise IntegrityError(f"{path.name} is not a readable ONNX model ({type(exc).__name__})") from None
-    if not model.graph.node or not model.graph.output:  # e.g. an empty file parses as an empty model
-        raise IntegrityError(f"{path.name} is not a readable ONNX model (it holds no graph)")
-    for tensor in _all_tensors(model):
+        raise IntegrityError(f"{name} is not a readable ONNX model ({type(exc).__name__})") from None
+    if not proto.graph.node or not proto.graph.output:  # e.g. an empty file parses as an empty model
+        raise IntegrityError(f"{name} is not a readable ONNX model (it holds no graph)")
+    for tensor in _all_tensors(proto):
         if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data):
             where = next((e.value for e in tensor.external_data if e.key == "location"), "?")
             raise IntegrityError(
-                f"{path.name} keeps tensor {tensor.name!r} in external file {where!r}; vae-deploy "
+                f"{name} keeps tensor {tensor.name[:60]!r} in external file {where[:80]!r}; vae-deploy "
                 "exports are single self-contained files, so this one is refused"
             )
 
 
 def _all_tensors(model: Any):  # -> Iterator[onnx.TensorProto]
-    """Every TensorProto in a model: initializers, sparse ones, and node attributes, in subgraphs too."""
+    """Every TensorProto a model can hold: initializers, sparse ones (values and indices), node
+    attributes (tensors, sparse tensors, subgraphs), functions, and training-info graphs."""
+
+    def sparse(sp: Any):
+        yield sp.values
+        yield sp.indices
 
     def graph_tensors(graph: Any):
         yield from graph.initializer
-        for sparse in graph.sparse_initializer:
-            yield sparse.values
-            yield sparse.indices
+        for sp in graph.sparse_initializer:
+            yield from sparse(sp)
         for node in graph.node:
             yield from node_tensors(node)
 
@@ -163,7 +158,9 @@ def _all_tensors(model: Any):  # -> Iterator[onnx.TensorProto]
                 yield attr.t
             yield from attr.tensors
             if attr.HasField("sparse_tensor"):
-                yield attr.sparse_tensor.values
+                yield from sparse(attr.sparse_tensor)
+            for sp in attr.sparse_tensors:
+                yield from sparse(sp)
             if attr.HasField("g"):
                 yield from graph_tensors(attr.g)
             for g in attr.graphs:
@@ -173,3 +170,34 @@ def _all_tensors(model: Any):  # -> Iterator[onnx.TensorProto]
     for function in model.functions:
         for node in function.node:
             yield from node_tensors(node)
+    for info in model.training_info:
+        yield from graph_tensors(info.initialization)
+        yield from graph_tensors(info.algorithm)
+
+
+def source_checkpoint(export_dir: str | os.PathLike, manifest: Manifest) -> Path:
+    """The checkpoint an export was made from, found the same way from any working folder: the
+    recorded path relative to the export folder (version 2), else the absolute path recorded; its
+    sha256 must still be the recorded one. ExportError/IntegrityError say what to pass instead."""
+    source = manifest.model.source
+    if source.get("kind", "checkpoint") != "checkpoint" or not source.get("path"):
+        raise ExportError("the manifest names no source checkpoint; pass --checkpoint CKPT")
+    export_dir = Path(export_dir)
+    candidates = []
+    recorded = Path(str(source["path"]))
+    if manifest.format_version >= 2 or recorded.is_absolute():
+        candidates.append(recorded if recorded.is_absolute() else export_dir / recorded)
+    if source.get("abs_path"):
+        candidates.append(Path(str(source["abs_path"])))
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise ExportError(
+            f"the checkpoint this export was made from ({candidates[0] if candidates else recorded}) "
+            "is not there; pass --checkpoint CKPT"
+        )
+    if not isinstance(source.get("sha256"), str) or sha256_file(path) != source["sha256"]:
+        raise IntegrityError(
+            f"{path} has changed since this export was made (its sha256 differs from the manifest's); "
+            "re-export it, or pass --checkpoint to compare against it anyway"
+        )
+    return path

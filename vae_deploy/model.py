@@ -171,9 +171,7 @@ class VAE(nn.Module):
     def latent_dim(self) -> int:
         return self.config.latent_dim
 
-    def forward(
-        self, x: Tensor, sample: bool | None = None, generator: torch.Generator | None = None
-    ) -> VAEOutput:
+    def forward(self, x: Tensor, sample: bool | None = None, generator: torch.Generator | None = None) -> VAEOutput:
         """Encode, draw z (sampled in training or when ``sample=True``, else z = mu), decode."""
         mu, logvar = self.encoder(x)
         if self.training if sample is None else sample:

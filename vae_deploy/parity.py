@@ -13,14 +13,10 @@ for the many near-zero pixels of a sigmoid output).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import re
-import sys
-import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,50 +24,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from vae_deploy import sessions
 from vae_deploy.checkpoint import model_from_state, read_checkpoint
 from vae_deploy.config import to_dict
-from vae_deploy.errors import DataError, ExportError, IntegrityError, UsageError
-from vae_deploy.export import graph_specs
+from vae_deploy.contract import DECODER, ENCODER, FileEntry, Tolerance
+from vae_deploy.errors import DataError, ExportError, ProviderError, UsageError
 from vae_deploy.files import atomic_write_text, sha256_file
-from vae_deploy.manifest import check_manifest, manifest_files
+from vae_deploy.manifest import check_manifest, read_verified, source_checkpoint
 from vae_deploy.model import VAE
 
-__all__ = ["Tolerance", "VerifyReport", "VerifyRow", "check_manifest", "compare", "tolerance_for", "verify"]
+__all__ = ["VerifyReport", "VerifyRow", "compare", "verify"]
 
 DEFAULT_BATCH_SIZES = (1, 7, 256)
 SEED = 0
-
-
-# --- tolerances ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    atol: float
-    rtol: float
-
-    def __str__(self) -> str:
-        return f"atol {self.atol:.0e}" + (f" rtol {self.rtol:.0e}" if self.rtol else "")
-
-
-# (precision, bounded output?) -> tolerance. Bounded: x_hat in [0,1]; unbounded: mu, logvar.
-# fp32, measured on MNIST-trained mlp and conv models (onnxruntime CPU vs eager, batch 1-256):
-# x_hat <= 2.4e-7, mu/logvar <= 1.2e-6 (float32 re-association in fused kernels); TorchScript and
-# pt2 match exactly. The tolerances leave 40-80x headroom yet catch any real bug (a wrong weight,
-# op or layout moves outputs by 1e-3 or more). fp16: an 11-bit significand (~5e-4 relative); the
-# fp16 decoder's x_hat measured <= 1.5e-4 (fp16-rounded weights); sigmoid's slope (<= 1/4) keeps
-# fp16 arithmetic on GPUs well inside 1e-2.
-TOLERANCES: dict[tuple[str, bool], Tolerance] = {
-    ("fp32", True): Tolerance(atol=1e-5, rtol=0.0),
-    ("fp32", False): Tolerance(atol=1e-4, rtol=1e-5),
-    ("fp16", True): Tolerance(atol=1e-2, rtol=0.0),
-    ("fp16", False): Tolerance(atol=5e-2, rtol=1e-2),
-}
-
-
-def tolerance_for(precision: str, output: dict[str, Any]) -> Tolerance:
-    """The tolerance for one manifest output entry (bounded outputs carry a ``range``)."""
-    return TOLERANCES[("fp16" if precision == "fp16" else "fp32", "range" in output)]
 
 
 # --- the report ---------------------------------------------------------------------------------
@@ -161,14 +126,6 @@ class VerifyReport:
         out = asdict(self)
         out["batch_sizes"] = list(self.batch_sizes)
         out["summary"] = self.summary()
-        out["tolerances"] = [
-            {
-                "precision": p,
-                "output": "bounded [0,1] (x_hat)" if b else "unbounded (mu, logvar)",
-                **asdict(t),
-            }
-            for (p, b), t in TOLERANCES.items()
-        ]
         return out
 
 
@@ -187,105 +144,38 @@ class _Backend:
     note: str = ""
 
 
-@contextlib.contextmanager
-def _native_stderr() -> Iterator[list[str]]:
-    """Capture what onnxruntime's C++ side writes straight to fd 2 (provider-load errors in red),
-    so it becomes a one-line skip reason instead of console spam."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    captured: list[str] = []
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield captured
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            captured.append(tmp.read().decode("utf-8", "replace"))
-
-
-def _ort_reason(text: str) -> str:
-    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
-    found = re.findall(r"with error: (.+)", text)
-    if found:
-        return f"CUDA provider failed to load ({found[0].strip()[:160]})"
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return f"session fell back to CPU ({lines[0][-160:]})" if lines else "session fell back to CPU"
-
-
-def _ort_error(exc: Exception) -> str:
-    """onnxruntime's exception text without its error-code prefix, model path and C++ location."""
-    text = str(exc).strip()
-    text = (
-        text.split(" failed:", 1)[1]
-        if " failed:" in text
-        else re.sub(r"^\[ONNXRuntimeError\][ :\w]*: ", "", text)
-    )
-    return re.sub(r"^/\S+:\d+ .*?\) ", "", text.strip())[:200]
-
-
-def _onnx_backends(path: Path, entry: dict[str, Any]) -> list[_Backend]:
-    """The CPU session, and a CUDA session only if one really runs (onnxruntime silently falls back)."""
-    import onnxruntime as ort
-
-    def options() -> Any:
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        return so
+def _onnx_backends(export_dir: Path, entry: FileEntry) -> list[_Backend]:
+    """The CPU session, and a CUDA session only if one really runs (TF32 off: fp32 is checked)."""
+    name = f"{entry.file} in {export_dir}"
+    model = read_verified(export_dir, entry)
 
     def runner(session: Any) -> Runner:
-        names = [o.name for o in session.get_outputs()]
+        names = entry.spec.output_names
         return lambda feeds: dict(zip(names, session.run(names, feeds)))
 
-    def io_mismatch(session: Any) -> str:
-        got = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
-        want = ([i["name"] for i in entry["inputs"]], [o["name"] for o in entry["outputs"]])
-        return "" if got == want else f"graph I/O names {got} differ from the manifest's {want}"
-
-    fp16 = entry.get("precision") == "fp16"
+    cpu_note = (
+        "onnxruntime's CPU provider computes fp16 nodes in fp32 (it inserts Casts), so this checks "
+        "the file and its fp16-rounded weights, not fp16 arithmetic"
+        if entry.precision == "fp16"
+        else ""
+    )
     out = []
     try:
-        cpu = ort.InferenceSession(str(path), options(), providers=["CPUExecutionProvider"])
-        cpu_note = (
-            "onnxruntime's CPU provider computes fp16 nodes in fp32 (it inserts Casts), so this checks "
-            "the file and its fp16-rounded weights, not fp16 arithmetic"
-            if fp16
-            else ""
-        )
-        bad = io_mismatch(cpu)
-        out.append(
-            _Backend(
-                "onnxruntime", "CPUExecutionProvider", None if bad else runner(cpu), error=bad, note=cpu_note
-            )
-        )
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-        out.append(
-            _Backend(
-                "onnxruntime", "CPUExecutionProvider", error=f"onnxruntime cannot load it: {_ort_error(exc)}"
-            )
-        )
-
-    cuda = _Backend("onnxruntime", "CUDAExecutionProvider")
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        cuda.skipped = "this onnxruntime build has no CUDA provider"
-    else:
-        # TF32 off: the fp32 check must see float32 arithmetic, not 10-bit-mantissa tensor cores.
-        providers = [("CUDAExecutionProvider", {"device_id": 0, "use_tf32": 0}), "CPUExecutionProvider"]
-        try:
-            with _native_stderr() as err:
-                session = ort.InferenceSession(str(path), options(), providers=providers)
-            if session.get_providers()[0] != "CUDAExecutionProvider":
-                cuda.skipped = _ort_reason(err[0] if err else "")
-            else:
-                cuda.run = runner(session)
-        except Exception as exc:  # noqa: BLE001
-            cuda.skipped = f"CUDA session could not be created ({_ort_error(exc)})"
+        cpu = sessions.cpu_session(model, name)
+        sessions.check_signature(cpu, entry.spec, name)
+        out.append(_Backend("onnxruntime", sessions.CPU, runner(cpu), note=cpu_note))
+    except ExportError as exc:
+        out.append(_Backend("onnxruntime", sessions.CPU, error=str(exc)))
+    cuda = _Backend("onnxruntime", sessions.CUDA)
+    try:
+        cuda.run = runner(sessions.cuda_session(model, name, tf32=False))
+    except ProviderError as exc:
+        cuda.skipped = exc.reason
     out.append(cuda)
     return out
 
 
-def _torch_backend(path: Path, fmt: str, entry: dict[str, Any]) -> _Backend:
+def _torch_backend(path: Path, fmt: str, entry: FileEntry) -> _Backend:
     backend = "torch.jit" if fmt == "torchscript" else "torch.export"
     try:
         with warnings.catch_warnings():
@@ -296,8 +186,7 @@ def _torch_backend(path: Path, fmt: str, entry: dict[str, Any]) -> _Backend:
                 module = torch.export.load(str(path)).module()
     except Exception as exc:  # noqa: BLE001
         return _Backend(backend, "torch-cpu", error=f"cannot load it: {str(exc).strip()[:200]}")
-    in_names = [i["name"] for i in entry["inputs"]]
-    out_names = [o["name"] for o in entry["outputs"]]
+    in_names, out_names = entry.spec.input_names, entry.spec.output_names
 
     def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with torch.no_grad():
@@ -308,12 +197,12 @@ def _torch_backend(path: Path, fmt: str, entry: dict[str, Any]) -> _Backend:
     return _Backend(backend, "torch-cpu", run)
 
 
-def _backends(path: Path, fmt: str, entry: dict[str, Any]) -> list[_Backend]:
-    if fmt in ("onnx", "onnx-fp16"):
-        return _onnx_backends(path, entry)
-    if fmt in ("torchscript", "pt2"):
-        return [_torch_backend(path, fmt, entry)]
-    return [_Backend("?", "?", skipped=f"unknown format {fmt!r} (newer vae-deploy?)")]
+def _backends(export_dir: Path, entry: FileEntry) -> list[_Backend]:
+    if entry.format.startswith("onnx"):
+        return _onnx_backends(export_dir, entry)
+    if entry.format in ("torchscript", "pt2"):
+        return [_torch_backend(export_dir / entry.file, entry.format, entry)]
+    return [_Backend("?", "?", skipped=f"unknown format {entry.format!r} (newer vae-deploy?)")]
 
 
 # --- inputs and eager references ----------------------------------------------------------------
@@ -342,12 +231,11 @@ def _images(n: int, model: VAE, train_config: dict | None, data_root: Any) -> tu
     return torch.rand((n, *shape), generator=g), f"seeded uniform random images (seed {SEED}; {why})"
 
 
-def _feeds(
-    model: VAE, images: torch.Tensor, batch_sizes: Sequence[int]
-) -> dict[tuple[str, int], tuple[dict, dict]]:
+def _feeds(model: VAE, images: torch.Tensor, batch_sizes: Sequence[int]) -> dict[tuple[str, int], tuple[dict, dict]]:
     """Per (graph, batch): the named inputs and eager outputs. Decoder latents are the encoder
     means of the images (half) plus seeded N(0, I) draws (the other half)."""
-    enc, dec = graph_specs(model.config)
+    from vae_deploy.contract import IMAGE, LATENT, LOGVAR, MEAN, RECON
+
     g = torch.Generator().manual_seed(SEED)
     draws = torch.randn(max(batch_sizes), model.latent_dim, generator=g)
     out = {}
@@ -358,14 +246,8 @@ def _feeds(
             k = (b + 1) // 2
             z = torch.cat([mu[:k], draws[: b - k]])
             x_hat = model.decoder(z)
-            out[(enc.name, b)] = (
-                dict(zip(enc.input_names, [x.numpy()])),
-                dict(zip(enc.output_names, [mu.numpy(), logvar.numpy()])),
-            )
-            out[(dec.name, b)] = (
-                dict(zip(dec.input_names, [z.numpy()])),
-                dict(zip(dec.output_names, [x_hat.numpy()])),
-            )
+            out[(ENCODER, b)] = ({IMAGE: x.numpy()}, {MEAN: mu.numpy(), LOGVAR: logvar.numpy()})
+            out[(DECODER, b)] = ({LATENT: z.numpy()}, {RECON: x_hat.numpy()})
     return out
 
 
@@ -382,42 +264,35 @@ def _compare_output(got: np.ndarray, ref: np.ndarray, tol: Tolerance) -> tuple[f
 
 
 def _check(
-    graph: str,
-    fmt: str,
-    entry: dict[str, Any],
+    entry: FileEntry,
     backend: _Backend,
     feeds: dict[tuple[str, int], tuple[dict, dict]],
     batch_sizes: Sequence[int],
 ) -> list[VerifyRow]:
     """The rows of one file on one backend: each batch size x each output (or one skip/fail row)."""
-    precision = entry.get("precision", "fp32")
-    outputs = entry.get("outputs") or []
+    tol = entry.spec.tolerance
 
-    def row(output: dict[str, Any] | None = None, **kw: Any) -> VerifyRow:
-        tol = tolerance_for(precision, output or (outputs[0] if outputs else {}))
-        name = output["name"] if output else "*"
-        where = dict(graph=graph, format=fmt, backend=backend.backend, precision=precision)
-        return VerifyRow(**where, provider=backend.provider, output=name, atol=tol.atol, rtol=tol.rtol, **kw)
+    def row(output: str = "*", **kw: Any) -> VerifyRow:
+        where = dict(graph=entry.graph, format=entry.format, backend=backend.backend, precision=entry.precision)
+        return VerifyRow(**where, provider=backend.provider, output=output, atol=tol.atol, rtol=tol.rtol, **kw)
 
     if backend.run is None:
         return [row(status="fail" if backend.error else "skipped", reason=backend.error or backend.skipped)]
     rows = []
     for b in batch_sizes:
-        inputs, expected = feeds[(graph, b)]
+        inputs, expected = feeds[(entry.graph, b)]
         try:
             got = backend.run(inputs)
         except Exception as exc:  # noqa: BLE001 - a graph that cannot run at this batch size fails
-            rows.append(row(batch_size=b, status="fail", reason=f"run failed: {_ort_error(exc)}"))
+            rows.append(row(batch_size=b, status="fail", reason=f"run failed: {sessions.ort_message(exc)}"))
             continue
-        for out in outputs:
-            name = out["name"]
+        for name in entry.spec.output_names:
             if name not in got or name not in expected:
-                rows.append(row(out, batch_size=b, status="fail", reason=f"no output {name!r}"))
+                rows.append(row(name, batch_size=b, status="fail", reason=f"no output {name!r}"))
                 continue
-            tol = tolerance_for(precision, out)
             max_abs, max_rel, ok, why = _compare_output(got[name], expected[name], tol)
             stats = dict(batch_size=b, max_abs=max_abs, max_rel=max_rel)
-            rows.append(row(out, **stats, status="pass" if ok else "fail", reason=why or backend.note))
+            rows.append(row(name, **stats, status="pass" if ok else "fail", reason=why or backend.note))
     return rows
 
 
@@ -426,7 +301,7 @@ def _check(
 
 def compare(
     export_dir: str | os.PathLike,
-    manifest: dict[str, Any],
+    files: Sequence[FileEntry],
     model: VAE,
     *,
     train_config: dict | None = None,
@@ -434,7 +309,8 @@ def compare(
     batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
     log: Callable[[str], None] = print,
 ) -> VerifyReport:
-    """Compare every file ``manifest`` lists in ``export_dir`` with the eager ``model``.
+    """Compare every listed file in ``export_dir`` with the eager ``model``, each against the
+    tolerance its entry records.
 
     Does not check integrity (``verify`` does, first; ``export`` compares files it just wrote).
     """
@@ -447,9 +323,9 @@ def compare(
     feeds = _feeds(model, images, batch_sizes)
     rows = [
         row
-        for graph, fmt, entry in manifest_files(manifest)
-        for backend in _backends(export_dir / entry["file"], fmt, entry)
-        for row in _check(graph, fmt, entry, backend, feeds, batch_sizes)
+        for entry in files
+        for backend in _backends(export_dir, entry)
+        for row in _check(entry, backend, feeds, batch_sizes)
     ]
     ran = any(r.status == "pass" for r in rows)
     passed = ran and not any(r.status == "fail" for r in rows)
@@ -461,35 +337,22 @@ def compare(
 
 
 def _source_model(
-    manifest: dict[str, Any], checkpoint: str | os.PathLike | None
+    export_dir: str | os.PathLike, manifest: Any, checkpoint: str | os.PathLike | None
 ) -> tuple[VAE, dict, str, str]:
     """The eager model to compare with: the given checkpoint, else the one the manifest names
-    (which must still be the file that was exported)."""
-    recorded = manifest.get("checkpoint") or {}
+    (found relative to the export folder, and still the file that was exported)."""
+    recorded = manifest.model.source
     note = ""
     if checkpoint is None:
-        if not recorded.get("path"):
-            raise ExportError("the manifest names no source checkpoint; pass --checkpoint CKPT")
-        path = Path(recorded["path"])
-        if not path.is_file() and recorded.get("abs_path"):
-            path = Path(recorded["abs_path"])  # the export was made from another working directory
-        if not path.is_file():
-            raise ExportError(
-                f"the checkpoint this export was made from ({path}) is not there; pass --checkpoint CKPT"
-            )
-        if recorded.get("sha256") and sha256_file(path) != recorded["sha256"]:
-            raise IntegrityError(
-                f"{path} has changed since this export was made (its sha256 differs from the manifest's); "
-                "re-export it, or pass --checkpoint to compare against it anyway"
-            )
+        path = source_checkpoint(export_dir, manifest)
     else:
         path = Path(checkpoint)
         if path.is_file() and recorded.get("sha256") and sha256_file(path) != recorded["sha256"]:
             note = f"note: {path} is not the checkpoint this export was made from (sha256 differs)"
     state = read_checkpoint(path)
     model = model_from_state(state, str(path))
-    want, got = manifest.get("model_config"), to_dict(model.config)
-    if want is not None and want != got:
+    want, got = manifest.raw.get("model_config"), to_dict(model.config)
+    if isinstance(want, dict) and want != got:
         diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
         raise ExportError(
             f"{path} does not have the exported model's architecture (differs in {', '.join(diff)}); "
@@ -513,12 +376,12 @@ def verify(
     tampered or unusable folder. ``json_path`` also writes ``report.to_dict()`` as JSON.
     """
     manifest = check_manifest(export_dir)  # before anything is loaded
-    model, state, source, note = _source_model(manifest, checkpoint)
+    model, state, source, note = _source_model(export_dir, manifest, checkpoint)
     if note:
         log(note)
     report = compare(
         export_dir,
-        manifest,
+        manifest.files,
         model,
         train_config=state.get("train_config"),
         data_root=data_root,

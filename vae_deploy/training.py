@@ -155,8 +155,7 @@ def train(
     log(f"data: {splits.note}")
     if tuple(splits.train_x.shape[1:]) != model_cfg.image_shape:
         raise ConfigError(
-            f"model image_shape {model_cfg.image_shape} does not match the data "
-            f"{tuple(splits.train_x.shape[1:])}"
+            f"model image_shape {model_cfg.image_shape} does not match the data {tuple(splits.train_x.shape[1:])}"
         )
 
     with torch.random.fork_rng(devices=[]):
@@ -197,9 +196,7 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(
         out / "config.json",
-        json.dumps(
-            {"model": to_dict(model_cfg), "train": to_dict(cfg), "data": splits.note}, indent=2
-        ).encode(),
+        json.dumps({"model": to_dict(model_cfg), "train": to_dict(cfg), "data": splits.note}, indent=2).encode(),
     )
 
     def checkpoint(epoch: int, batch_in_epoch: int) -> None:

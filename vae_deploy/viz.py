@@ -85,7 +85,7 @@ def _export_source(folder: Path, provider: str) -> Source:
     from vae_deploy.runtime import VAERuntime
 
     rt = VAERuntime(folder, provider=provider)
-    trained_on = rt.manifest.get("training") or {}
+    trained_on = rt.manifest.raw.get("training") or {}
     return Source(
         rt.encode,
         rt.decode,
@@ -106,9 +106,7 @@ def load_source(path: str | os.PathLike, provider: str = "auto") -> Source:
             return _export_source(p, provider)
         if (p / "checkpoint.pt").is_file():
             return _checkpoint_source(p / "checkpoint.pt")
-        raise UsageError(
-            f"{p} is neither an export folder (no manifest.json) nor a run folder (no checkpoint.pt)"
-        )
+        raise UsageError(f"{p} is neither an export folder (no manifest.json) nor a run folder (no checkpoint.pt)")
     if p.is_file():
         return _checkpoint_source(p)
     raise UsageError(f"no such model: {p} (expected an export folder, a run folder or a checkpoint file)")
@@ -436,9 +434,7 @@ def latent_map(
         ax2 = fig.add_subplot(1, 2, 2)
         labels = [f"{v:.2f}" for v in q]
         # antialiased: the mosaic is shrunk to fit, and nearest-neighbour shrinking aliases
-        _draw_grid(
-            ax2, rows, labels[::-1], labels, pad=0, every=max(1, grid // 6), interpolation="antialiased"
-        )
+        _draw_grid(ax2, rows, labels[::-1], labels, pad=0, every=max(1, grid // 6), interpolation="antialiased")
         ax2.set_xlabel("z1 (N(0,1) quantiles 5%..95%)")
         ax2.set_ylabel("z2")
         ax2.set_title("decoded manifold", fontsize=9)
