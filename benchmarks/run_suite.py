@@ -117,9 +117,7 @@ def _target(name: str, measured: float | None, required: float, higher: bool, un
     met = measured >= required if higher else measured <= required
     if higher:  # e.g. a speed-up: how far above (met) or below (missed) the bar, relative to it
         rel = measured / required - 1
-        margin = (
-            f"met, {100 * rel:.0f}% above" if met else f"missed by {-100 * rel:.0f}% (reached {1 + rel:.0%})"
-        )
+        margin = f"met, {100 * rel:.0f}% above" if met else f"missed by {-100 * rel:.0f}% (reached {1 + rel:.0%})"
     else:  # a ceiling (latency, error): headroom under it, or how far over
         rel = 1 - measured / required
         margin = f"met, {100 * rel:.0f}% under" if met else f"missed, {-100 * rel:.0f}% over"
@@ -183,12 +181,8 @@ def check_targets(dec: dict[str, Any], gpu: dict[str, Any] | None) -> list[dict[
     if gpu is not None:
         grows = [r for r in gpu["results"] if r["backend"] == "onnx-cuda-fp16"]
         best = max((r["fraction_of_peak"] or 0 for r in grows), default=None)
-        out.append(
-            _target("onnx-cuda-fp16 fraction of fp16 matmul peak, large batch", best, 0.30, True, "fraction")
-        )
-        g1 = next(
-            (r for r in gpu["results"] if r["backend"] == "onnx-cuda-graph" and r["batch_size"] == 1), None
-        )
+        out.append(_target("onnx-cuda-fp16 fraction of fp16 matmul peak, large batch", best, 0.30, True, "fraction"))
+        g1 = next((r for r in gpu["results"] if r["backend"] == "onnx-cuda-graph" and r["batch_size"] == 1), None)
         out.append(
             _target(
                 "onnx-cuda-graph batch-1 p50 latency (us)",
@@ -230,8 +224,7 @@ def _pivot(report: dict[str, Any], title: str) -> list[str]:
     lines.append(
         f"Latency at batch {sizes[0]} (ms): "
         + "; ".join(
-            f"{r['backend']} " + " / ".join(f"{q} {r['latency_ms'][q]:.4f}" for q in ("p50", "p90", "p99"))
-            for r in lat
+            f"{r['backend']} " + " / ".join(f"{q} {r['latency_ms'][q]:.4f}" for q in ("p50", "p90", "p99")) for r in lat
         )
     )
     lines.append("")
@@ -346,9 +339,7 @@ def main() -> None:
     ap.add_argument("--max-other", type=float, default=0.15, help="Cores others may use during a run")
     ap.add_argument("--retries", type=int, default=2, help="Re-runs of a benchmark that others disturbed")
     ap.add_argument("--skip-train", action="store_true", help="Skip the training-loop benchmark")
-    ap.add_argument(
-        "--render", metavar="JSON", help="Only rewrite the .md and .png of an existing results JSON"
-    )
+    ap.add_argument("--render", metavar="JSON", help="Only rewrite the .md and .png of an existing results JSON")
     args = ap.parse_args()
     if args.render:
         path = Path(args.render)

@@ -72,3 +72,12 @@ def rehash(export_dir: Path, name: str) -> None:
             if entry["file"] == name:
                 entry["sha256"] = sha256_file(export_dir / name)
     (export_dir / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.fixture(scope="session")
+def mlp_onnx_export(mlp_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ONNX-only export (with the fp16 decoder) of the small MLP, not verified: for runtime tests."""
+    from vae_deploy.export import export
+
+    out = tmp_path_factory.mktemp("onnx_export") / "exported"
+    return export(mlp_checkpoint, out, formats=("onnx",), fp16=True, verify=False, log=lambda _: None).out_dir

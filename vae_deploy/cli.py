@@ -17,7 +17,7 @@ import click
 from vae_deploy import __version__
 from vae_deploy.config import ACTIVATIONS, ARCHS, DATASETS, DEVICES, LOSSES
 from vae_deploy.contract import GRAPHS
-from vae_deploy.errors import VaeDeployError
+from vae_deploy.errors import VaeDeployError, first_line, missing_extra
 from vae_deploy.viz import MAP_METHODS
 
 DATA_ROOT_HELP = "torchvision-style data root (ROOT/MNIST/raw/...); default: $VAE_DEPLOY_DATA"
@@ -497,6 +497,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         return 130
+    except ModuleNotFoundError as exc:  # an optional extra is not installed (torch, matplotlib, ...)
+        missing = missing_extra(exc)
+        if debug:
+            raise
+        if missing is None:
+            return _internal_error(exc)
+        click.echo(f"error: {missing}", err=True)
+        return missing.exit_code
     except OSError as exc:  # a path the user gave is unusable (read-only, a file in the way, disk full)
         if debug:
             raise
@@ -506,10 +514,14 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - never a traceback unless --debug
         if debug:
             raise
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        click.echo(f"error: internal error {type(exc).__name__}: {msg} (rerun with --debug)", err=True)
-        return 1
+        return _internal_error(exc)
     return 0
+
+
+def _internal_error(exc: BaseException) -> int:
+    """A bug, not a user error: still one line (``--debug`` shows the traceback)."""
+    click.echo(f"error: internal error {type(exc).__name__}: {first_line(exc)} (rerun with --debug)", err=True)
+    return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

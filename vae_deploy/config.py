@@ -108,9 +108,31 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
         raise ConfigError(f"bad value in {where}: {exc}") from None
 
 
+def recipe_names() -> list[str]:
+    """The recipes shipped with vae-deploy (``train/*.toml`` in the repository), by name."""
+    from importlib.resources import files
+
+    return sorted(p.name[:-5] for p in files("vae_deploy.recipes").iterdir() if p.name.endswith(".toml"))
+
+
+def find_recipe(path: str | Path) -> Path:
+    """A recipe file: ``path`` itself when it exists, else a shipped recipe of that name
+    (``mlp400_beta`` or ``mlp400_beta.toml``), so recipes work by name after ``pip install``."""
+    path = Path(path)
+    if path.exists() or path.parent != Path("."):
+        return path
+    from importlib.resources import as_file, files
+
+    shipped = files("vae_deploy.recipes") / (path.name if path.suffix == ".toml" else f"{path.name}.toml")
+    if not shipped.is_file():
+        return path
+    with as_file(shipped) as real:  # a real path for an installed (not zipped) package
+        return Path(real)
+
+
 def load_recipe(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Read a TOML recipe into raw ``(model, train)`` dicts (validated later, after overrides)."""
-    path = Path(path)
+    path = find_recipe(path)
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:

@@ -57,7 +57,29 @@ class TrainingDiverged(VaeDeployError):
 
 
 class MissingExtraError(VaeDeployError):
-    """An optional dependency (e.g. matplotlib) is needed for this command."""
+    """An optional dependency (e.g. torch, matplotlib) is needed for this command."""
+
+
+# top-level module -> the extra that installs it
+EXTRAS = {
+    "torch": "torch",
+    "torchvision": "torch",
+    "onnx": "torch",
+    "onnxscript": "torch",
+    "onnx_ir": "torch",
+    "safetensors": "torch",
+    "matplotlib": "viz",
+    "sklearn": "viz",
+}
+
+
+def missing_extra(exc: ModuleNotFoundError) -> MissingExtraError | None:
+    """The one-line error for a missing optional dependency, or None if ``exc`` is not about one."""
+    top = (exc.name or "").split(".")[0]
+    extra = EXTRAS.get(top)
+    if extra is None:
+        return None
+    return MissingExtraError(f"this needs {top}, which comes with the {extra} extra: pip install 'vae-deploy[{extra}]'")
 
 
 def first_line(exc: BaseException, limit: int = 240) -> str:
