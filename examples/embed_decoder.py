@@ -2,9 +2,9 @@
 
     python examples/embed_decoder.py exported/decoder.onnx -n 64 --seed 0 --out samples.png
 
-Everything the app needs is inside decoder.onnx: input ``z`` float32 [batch, latent_dim], output
-``x_hat`` float32 [batch, C, H, W] in [0, 1], and the latent size and image shape in its metadata
-(``vae_deploy.latent_dim``, ``vae_deploy.image_shape``). z is drawn exactly as
+Everything the app needs is inside decoder.onnx: input ``z`` float32 [batch, *latent_shape], output
+``x_hat`` float32 [batch, C, H, W] in [0, 1], and the latent and image shapes in its metadata
+(``vae_deploy.latent_shape``, ``vae_deploy.image_shape``; docs/CONTRACT.md). z is drawn exactly as
 ``vae_deploy.VAERuntime.sample(n, seed)`` draws it, so both give the same images for a seed.
 """
 
@@ -20,18 +20,21 @@ import onnxruntime as ort
 from PIL import Image
 
 
-def load_decoder(path: str) -> tuple[ort.InferenceSession, int, tuple[int, int, int]]:
-    """The decoder session, its latent size and its image shape (C, H, W), read from the file."""
+def load_decoder(path: str) -> tuple[ort.InferenceSession, tuple[int, ...], tuple[int, int, int]]:
+    """The decoder session, its latent shape and its image shape (C, H, W), read from the file."""
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])  # or CUDAExecutionProvider
     meta = session.get_modelmeta().custom_metadata_map
-    latent_dim = int(meta["vae_deploy.latent_dim"])
+    if "vae_deploy.latent_shape" in meta:
+        latent_shape = tuple(json.loads(meta["vae_deploy.latent_shape"]))
+    else:  # files written by vae-deploy 0.1 (contract version 1)
+        latent_shape = (int(meta["vae_deploy.latent_dim"]),)
     image_shape = tuple(json.loads(meta["vae_deploy.image_shape"]))
-    return session, latent_dim, image_shape
+    return session, latent_shape, image_shape
 
 
-def sample(session: ort.InferenceSession, latent_dim: int, n: int, seed: int) -> np.ndarray:
+def sample(session: ort.InferenceSession, latent_shape: tuple[int, ...], n: int, seed: int) -> np.ndarray:
     """n images [n, C, H, W] in [0, 1] decoded from z ~ N(0, I), seeded."""
-    z = np.random.default_rng(seed).standard_normal((n, latent_dim), dtype=np.float32)
+    z = np.random.default_rng(seed).standard_normal((n, *latent_shape), dtype=np.float32)
     return session.run(["x_hat"], {"z": z})[0]
 
 
@@ -57,12 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--npy", help="also save the raw images [n, C, H, W] float32 here")
     args = parser.parse_args(argv)
 
-    session, latent_dim, image_shape = load_decoder(args.decoder)
-    images = sample(session, latent_dim, args.n, args.seed)
+    session, latent_shape, image_shape = load_decoder(args.decoder)
+    images = sample(session, latent_shape, args.n, args.seed)
     grid(images).save(args.out)
     if args.npy:
         np.save(args.npy, images)
-    print(f"{args.n} samples of shape {list(image_shape)} (latent {latent_dim}) -> {args.out}")
+    print(f"{args.n} samples of shape {list(image_shape)} (latent {list(latent_shape)}) -> {args.out}")
     return 0
 
 

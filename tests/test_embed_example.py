@@ -46,7 +46,7 @@ def test_example_samples_without_torch_and_matches_the_runtime(exported: Path, t
     args = [str(exported / "decoder.onnx"), "-n", "12", "--seed", "7", "--out", str(png), "--npy", str(npy)]
     done = _run_example(args, cwd=tmp_path)  # outside the repo: nothing of vae_deploy on the path
     assert done.returncode == 0, done.stderr
-    assert "torch-free" in done.stdout and "latent 8" in done.stdout
+    assert "torch-free" in done.stdout and "latent [8]" in done.stdout
 
     with Image.open(png) as im:
         assert im.mode == "L" and im.size == (2 + 4 * 30, 2 + 3 * 30)  # 12 images: 4 x 3 grid
@@ -66,6 +66,6 @@ def test_example_reads_shapes_from_metadata_not_assumptions(conv_checkpoint: Pat
     out = tmp_path / "conv.png"
     done = _run_example([str(exported.out_dir / "decoder.onnx"), "-n", "3", "--out", str(out)], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "latent 2" in done.stdout and "[1, 28, 28]" in done.stdout
+    assert "latent [2]" in done.stdout and "[1, 28, 28]" in done.stdout
     with Image.open(out) as im:
         assert im.size == (2 + 2 * 30, 2 + 2 * 30)

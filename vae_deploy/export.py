@@ -130,8 +130,7 @@ def _save_onnx(model: Any, path: Path) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid"
-        raise ExportError(f"{path.name} failed the ONNX checker: {first[:200]}") from None
+        raise ExportError(f"{path.name} failed the ONNX checker: {first_line(exc, 200)}") from None
 
 
 def export_onnx(module: nn.Module, spec: GraphSpec, contract: ModelSpec, path: Path, opset: int | None = None) -> Any:

@@ -194,11 +194,3 @@ class VAE(nn.Module):
         """Deterministic reconstruction through the posterior mean."""
         mu, _ = self.encoder(x)
         return self.decoder(mu)
-
-
-def build_model(cfg: ModelConfig) -> VAE:
-    return VAE(cfg)
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

@@ -114,7 +114,7 @@ def cuda_diagnosis(session_error: str | None = None) -> str:
             smi = "nvidia-smi found" if shutil.which("nvidia-smi") else "no nvidia-smi"
             reasons.append(f"no NVIDIA driver (libcuda.so.1 cannot be loaded; {smi})")
     if session_error:
-        reasons.append(f"session creation failed: {session_error.strip().splitlines()[0][:300]}")
+        reasons.append(f"session creation failed: {session_error.strip()[:300]}")
     provider_lib = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
     if provider_lib.is_file():
         try:
