@@ -35,7 +35,7 @@ from vae_deploy.checkpoint import model_from_state, read_checkpoint
 from vae_deploy.config import ModelConfig, to_dict
 from vae_deploy.contract import (
     DECODER,
-    EXPORT_FILES,
+    GRAPHS,
     MANIFEST,
     PRECISION,
     FileEntry,
@@ -228,7 +228,11 @@ def export(
     model = model_from_state(state, str(checkpoint))
     out_dir = Path(out)
     target = out_dir.resolve()
-    _check_target(target)
+    new_files = {file_name(g, f) for g in GRAPHS for f in formats} | (
+        {file_name(DECODER, "onnx-fp16")} if fp16 else set()
+    )
+    _sweep_leftovers(target)  # first: it may put back an old export a killed install left aside
+    ours = _check_target(target, new_files)
     source = {
         "kind": "checkpoint",
         "path": os.path.relpath(checkpoint.resolve(), target),  # found from the export folder
@@ -240,7 +244,6 @@ def export(
     # mkdtemp, so the folder gets the user's usual permissions rather than 0700. The pid in the
     # name lets a later export sweep the staging folders of killed ones (_sweep_leftovers).
     staging = target.with_name(f".{target.name}.export-{os.getpid()}-{uuid.uuid4().hex[:12]}")
-    _sweep_leftovers(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging.mkdir()
@@ -272,7 +275,7 @@ def export(
         else:
             manifest["verification"] = {"passed": None, "summary": "not verified (--no-verify)"}
         atomic_write_text(staging / MANIFEST, json.dumps(manifest, indent=2) + "\n")  # last
-        _install(staging, target)
+        _install(staging, target, ours)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     took = sum(v for k, v in seconds.items() if k != "verify")
@@ -337,42 +340,52 @@ def _write_graphs(
 # --- atomic install -----------------------------------------------------------------------------
 
 
-def _check_target(out: Path) -> None:
+def _check_target(out: Path, new_files: set[str]) -> set[str]:
     """Only replace what we made: an absent or empty folder, an earlier export, or a fresh
-    ``exported/`` holding just its README. Anything else is the user's and is refused."""
+    ``exported/`` holding just its README. Anything else is the user's and is refused. Returns the
+    names the earlier export owns (its listed files and manifest): everything else in the folder is
+    the user's, is kept, and may not share a name with a file the new export writes."""
     if not out.exists():
-        return
+        return set()
     if not out.is_dir():
         raise ExportError(f"cannot export to {out}: it exists and is not a folder")
     names = sorted(p.name for p in out.iterdir())
+    ours: set[str] = set()
     if MANIFEST in names:
         try:
-            read_manifest(out)
+            ours = {e.file for e in read_manifest(out).files} | {MANIFEST}
         except ExportError:
             raise ExportError(
                 f"refusing to replace {out}: its {MANIFEST} is not a vae-deploy export manifest; "
                 "choose another --out or remove the folder yourself"
             ) from None
-        return
-    foreign = [n for n in names if n not in KEEP_FILES]
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+    else:
+        foreign = [n for n in names if n not in KEEP_FILES]
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+            raise ExportError(
+                f"refusing to export into {out}: it is not empty and has no {MANIFEST}, so it is not a "
+                f"vae-deploy export folder (it holds {shown}); choose another --out or empty it"
+            )
+    clash = sorted((set(names) - ours) & (new_files | {MANIFEST}))
+    if clash:
         raise ExportError(
-            f"refusing to export into {out}: it is not empty and has no {MANIFEST}, so it is not a "
-            f"vae-deploy export folder (it holds {shown}); choose another --out or empty it"
+            f"refusing to export into {out}: {', '.join(clash)} there is not a file of the earlier export "
+            "(it is not in its manifest), and the new export would replace it; move it away first"
         )
+    return ours
 
 
-def _install(staging: Path, out: Path) -> None:
+def _install(staging: Path, out: Path, ours: set[str]) -> None:
     """Swap the finished export into place as a unit: DIR holds either the old export or the new
-    one, never a mix and never neither, even if the process is killed at any moment. Files in DIR
-    that are not export files (e.g. README.md) are carried over: linked into the new export first.
-    After the swap ``staging`` holds the old export (the caller removes it)."""
+    one, never a mix and never neither, even if the process is killed at any moment. Everything in
+    DIR that the old export did not own (README.md, the user's notes) is carried over: linked into
+    the new export first. After the swap ``staging`` holds the old export (the caller removes it)."""
     if not out.exists():
         os.replace(staging, out)
         return
     for entry in sorted(out.iterdir()):
-        if entry.name not in EXPORT_FILES:
+        if entry.name not in ours:
             _carry(entry, staging / entry.name)
     if _exchange(staging, out):
         return
