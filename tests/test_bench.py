@@ -177,10 +177,20 @@ def test_plot_and_missing_matplotlib(export_dir: Path, tmp_path: Path, monkeypat
     report = run_bench(export_dir, backends="onnx-cpu", batch_sizes=(1, 2), budget=TINY, log=lambda _: None)
     path = plot_throughput(report, tmp_path / "plot.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # usual permissions, not 0600
+    assert b"<svg" in plot_throughput(report, tmp_path / "plot.svg").read_bytes()[:1000]
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
     with pytest.raises(MissingExtraError, match="matplotlib"):
         plot_throughput(report, tmp_path / "again.png")
     assert not (tmp_path / "again.png").exists()
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_machine_slug() -> None:

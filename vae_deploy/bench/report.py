@@ -199,7 +199,7 @@ def plot_throughput(report: BenchReport | dict[str, Any], path: str | os.PathLik
     fig.tight_layout()
     buf = io.BytesIO()
     try:
-        fig.savefig(buf, format="png", dpi=120)
+        fig.savefig(buf, format=path.suffix.lower()[1:], dpi=120)  # the format the name says
     finally:
         plt.close(fig)
     atomic_write(path, buf.getvalue())
