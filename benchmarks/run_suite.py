@@ -47,7 +47,7 @@ def load1() -> float:
 
 def others_now(seconds: float = 3.0) -> float:
     """Cores other processes used over the next ``seconds`` (this one idles meanwhile)."""
-    start = bench._cpu_counters()
+    start = bench.cpu_counters()
     time.sleep(seconds)
     got = bench.other_load(start)
     return got["other_cores"] if got else load1()

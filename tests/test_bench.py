@@ -16,7 +16,6 @@ import pytest
 from vae_deploy.bench import (
     BACKENDS,
     Budget,
-    _Point,
     flops_per_sample,
     format_table,
     machine_slug,
@@ -24,6 +23,7 @@ from vae_deploy.bench import (
     run_bench,
     write_json,
 )
+from vae_deploy.bench.timing import Point
 from vae_deploy.config import ModelConfig
 from vae_deploy.errors import IntegrityError, MissingExtraError, UsageError
 
@@ -70,18 +70,18 @@ def test_flops_rejects_unknown_graph() -> None:
 
 def test_point_settles_only_when_the_median_stops_moving() -> None:
     budget = Budget(min_rounds=3, settle=0.02, max_s=100.0)
-    p = _Point()
+    p = Point()
     for _ in range(3):
         p.add_round([1.0, 1.0, 1.0])
     assert p.settled(budget) and p.done(budget)
-    q = _Point()
+    q = Point()
     for t in (1.0, 1.0, 2.0):
         q.add_round([t] * 5)  # the median jumps in the last round
     q.add_round([3.0] * 20)
     assert not q.settled(budget) and not q.done(budget)
     q.add_round([3.0] * 200)
     assert q.settled(budget)
-    r = _Point()
+    r = Point()
     r.add_round([60.0, 50.0])  # over the per-point time budget: done although not settled
     assert not r.settled(budget) and r.done(budget)
 
@@ -92,6 +92,8 @@ def test_schema_and_values(export_dir: Path, mlp_checkpoint: Path, tmp_path: Pat
     data = json.loads(write_json(report, tmp_path / "out.json").read_text())
     assert set(data) >= {"machine", "limits", "results"}
     assert data["limits"]["cpu_fp32_matmul_gflops"] > 0
+    samples = data["limits"]["cpu_fp32_matmul_gflops_samples"]  # at the start and at the end only
+    assert len(samples) == 2 and data["limits"]["cpu_fp32_matmul_gflops"] == pytest.approx(max(samples), abs=0.05)
     assert data["machine"]["cpus"] >= 1 and data["machine"]["onnxruntime"]
     assert {(r["backend"], r["batch_size"]) for r in data["results"]} == {(b, n) for b in backends for n in (1, 3)}
     flops = data["settings"]["flops_per_sample"]
@@ -107,8 +109,8 @@ def test_schema_and_values(export_dir: Path, mlp_checkpoint: Path, tmp_path: Pat
         assert r["runs"] >= 2 and r["threads"]
         if r["backend"] != "eager":
             assert r["ratios"]["vs_eager"] > 0
-    onnx1 = report.row("onnx-cpu", 1)
-    assert onnx1.threads["ort_intra_op"] is not None and "spinning" in onnx1.threads
+    onnx1 = next(r for r in data["results"] if r["backend"] == "onnx-cpu" and r["batch_size"] == 1)
+    assert onnx1["threads"]["ort_intra_op"] is not None and "spinning" in onnx1["threads"]
     err = data["errors"]["onnx-cpu-int8"]
     assert 0 < err["mean_abs"] <= err["max_abs"] < 0.5  # int8 differs from fp32, but not wildly
     assert err["mean_abs_255"] == pytest.approx(255 * err["mean_abs"])
@@ -138,16 +140,17 @@ def test_unavailable_backends_are_skipped_with_a_reason(export_dir: Path, tmp_pa
     moved = tmp_path / "exp"
     shutil.copytree(export_dir, moved)
     manifest = json.loads((moved / "manifest.json").read_text())
-    manifest["checkpoint"]["path"] = str(tmp_path / "gone" / "checkpoint.pt")
+    manifest["source"]["path"] = manifest["source"]["abs_path"] = str(tmp_path / "gone" / "checkpoint.pt")
     (moved / "manifest.json").write_text(json.dumps(manifest))
     report = run_bench(moved, backends=list(BACKENDS), batch_sizes=[1], budget=TINY, log=lambda _: None)
     reasons = {s["backend"]: s["reason"] for s in report.skipped}
-    assert "checkpoint not found" in reasons["eager"]
+    assert "is not there; pass --checkpoint" in reasons["eager"]
     assert "no decoder pt2 file" in reasons["pt2"]
     import torch
 
+    assert "no decoder onnx-fp16 file" in reasons["onnx-cuda-fp16"]  # exported without --fp16
     if not torch.cuda.is_available():
-        for name in ("eager-cuda", "onnx-cuda", "onnx-cuda-graph", "onnx-cuda-fp16"):
+        for name in ("eager-cuda", "onnx-cuda", "onnx-cuda-graph"):
             assert "CUDA" in reasons[name]
     measured = {r.backend for r in report.results}
     assert {"torchscript", "onnx-cpu", "onnx-cpu-int8"} <= measured
@@ -174,10 +177,20 @@ def test_plot_and_missing_matplotlib(export_dir: Path, tmp_path: Path, monkeypat
     report = run_bench(export_dir, backends="onnx-cpu", batch_sizes=(1, 2), budget=TINY, log=lambda _: None)
     path = plot_throughput(report, tmp_path / "plot.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # usual permissions, not 0600
+    assert b"<svg" in plot_throughput(report, tmp_path / "plot.svg").read_bytes()[:1000]
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
     with pytest.raises(MissingExtraError, match="matplotlib"):
         plot_throughput(report, tmp_path / "again.png")
     assert not (tmp_path / "again.png").exists()
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_machine_slug() -> None:
@@ -255,3 +268,49 @@ def test_int8_keeps_short_reductions_fp32(export_dir: Path, tmp_path: Path) -> N
         every == []
         and [n.op_type for n in onnx.load(str(tmp_path / "all.onnx")).graph.node].count("MatMulInteger") == 2
     )
+
+
+def test_import_is_torch_free() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, vae_deploy.bench; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def _context(export_dir: Path, graph: str, tmp: Path):
+    from vae_deploy.bench.context import Checkpoint, Context
+    from vae_deploy.manifest import check_manifest
+
+    return Context(export_dir, check_manifest(export_dir), graph, Checkpoint(None, problem="none here"), tmp)
+
+
+@pytest.mark.parametrize("graph", ["decoder", "encoder"])
+def test_int8_runs_from_a_temp_file_without_a_manifest(export_dir: Path, tmp_path: Path, graph: str) -> None:
+    """int8 is quantized into one temp file and run via VAERuntime.from_files: no forged export folder."""
+    from vae_deploy.bench.backends import make_backend
+
+    ctx = _context(export_dir, graph, tmp_path)
+    int8, fp32 = make_backend("onnx-cpu-int8", ctx), make_backend("onnx-cpu", ctx)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{graph}.int8.onnx"]  # no manifest.json
+    x = ctx.inputs(256)
+    a, b = int8.prepare(x)(), fp32.prepare(x)()
+    a, b = (a, b) if graph == "decoder" else (a[0], b[0])  # encoder: mu
+    assert a.shape == b.shape and not np.array_equal(a, b)
+    assert np.abs(a - b).mean() < 0.1 * np.abs(b).mean()  # close to fp32 (mu of random pixels ~5)
+
+
+def test_bare_backend_runs_the_runtime_session(export_dir: Path, tmp_path: Path) -> None:
+    """onnx-cpu-bare calls the session VAERuntime serves that batch size with, and reports its settings."""
+    from vae_deploy.bench.backends import make_backend
+
+    ctx = _context(export_dir, "decoder", tmp_path)
+    bare, wrapped = make_backend("onnx-cpu-bare", ctx), make_backend("onnx-cpu", ctx)
+    for batch in (1, 2000):
+        x = ctx.inputs(batch)
+        assert np.array_equal(bare.prepare(x)()[0], wrapped.prepare(x)())
+        settings = ctx.runtime().engine("decoder").settings_for(batch)
+        assert wrapped.threads(batch) == settings
+        assert bare.threads(batch) == {k: v for k, v in settings.items() if k != "rows_per_run"}
+    assert "rows_per_run" in wrapped.threads(2000)  # the runtime runs large batches in chunks
