@@ -13,11 +13,18 @@ class VaeDeployError(Exception):
 
     exit_code = 1
 
+    def __str__(self) -> str:
+        return printable(super().__str__())
+
 
 class UsageError(VaeDeployError, ValueError):
     """Bad arguments or input values (wrong shape, dtype, range, option)."""
 
     exit_code = 2
+
+
+class ResourceError(UsageError):
+    """A job would need more memory than the machine has (or an absurd amount for its output)."""
 
 
 class ConfigError(UsageError):
@@ -54,6 +61,20 @@ class TrainingDiverged(VaeDeployError):
 
 class MissingExtraError(VaeDeployError):
     """An optional dependency (e.g. matplotlib) is needed for this command."""
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print on any UTF-8 stream: undecodable file-name bytes (the lone surrogates
+    Python decodes them to) become ``\\xff``-style escapes instead of crashing the write."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that was not a file-name byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def first_line(exc: BaseException, limit: int = 240) -> str:
