@@ -25,13 +25,15 @@ DPI = 100
 TILE_INCHES = 0.55  # the longer side of one image in a grid figure
 MAX_PIXELS_PER_SIDE = 2**16 - 1  # matplotlib's Agg renderer draws nothing larger
 MAX_TILES = 1000  # images per row or column of a picture: more is no longer a picture
-# Memory per figure pixel while drawing and saving: Agg's RGBA buffer (4 B), an image axis
-# resampled to RGBA float64 (32 B), the PNG decoded again as RGBA and RGB for the palette (7 B),
-# plus slack for matplotlib's other buffers; measured peaks are 40-60 B per pixel.
-FIGURE_BYTES_PER_PIXEL = 64
-# Memory per mosaic pixel (float32 per channel): the tiled canvas and its clipped copy (8 B), and
-# matplotlib's float64 copy of the data and its RGBA float colour-mapped image (8 + 32 B).
-MOSAIC_BYTES_PER_VALUE = 48
+# Peak memory per figure pixel while drawing and saving: Agg's RGBA buffer (4 B), an image axis
+# resampled to RGBA float64 (32 B) and matplotlib's other buffers, then the PNG decoded again as
+# RGBA and RGB for the palette (7 B). Measured: 40 (mostly blank) to 70 (all image) B per pixel.
+FIGURE_BYTES_PER_PIXEL = 80
+# Peak memory per mosaic pixel: the float32 canvas and its clipped copy, matplotlib's copy of the
+# data and its colour-mapped RGBA image. Measured: about 48 B (gray) and 40 B (colour) per pixel.
+MOSAIC_BYTES_PER_PIXEL = 48
+# What drawing any view costs beyond its data: matplotlib's and scikit-learn's own buffers.
+BASE_BYTES = 128 * 2**20
 
 
 # --- what a picture costs -----------------------------------------------------------------------
@@ -51,15 +53,14 @@ def grid_figure_inches(rows: int, cols: int, image_shape: Sequence[int]) -> tupl
 
 
 def figure_bytes(width_in: float, height_in: float) -> int:
-    """Peak memory (bytes) of drawing and saving a figure of this size."""
-    return int(width_in * DPI * height_in * DPI * FIGURE_BYTES_PER_PIXEL)
+    """Peak memory (bytes) of drawing and saving a figure of this size (with BASE_BYTES)."""
+    return BASE_BYTES + int(width_in * DPI * height_in * DPI * FIGURE_BYTES_PER_PIXEL)
 
 
 def mosaic_bytes(rows: int, cols: int, image_shape: Sequence[int], pad: int = 2) -> int:
     """Peak memory (bytes) of tiling rows x cols images and handing the mosaic to matplotlib."""
-    c, h, w = image_shape
-    values = (rows * (h + pad)) * (cols * (w + pad)) * (3 if c == 3 else 1)
-    return values * MOSAIC_BYTES_PER_VALUE
+    h, w = image_shape[-2:]
+    return (rows * (h + pad)) * (cols * (w + pad)) * MOSAIC_BYTES_PER_PIXEL
 
 
 def check_tiles(name: str, value: int, tiles: int, limit: int = MAX_TILES) -> None:

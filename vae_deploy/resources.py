@@ -60,8 +60,9 @@ def available_memory() -> int:
 
 
 def gib(nbytes: float) -> str:
-    """``nbytes`` as a short GiB figure, e.g. ``1.5 GiB``."""
-    return f"{nbytes / GIB:.3g} GiB"
+    """``nbytes`` as a short GiB figure, e.g. ``0.25 GiB``, ``1.5 GiB``, ``11,921 GiB``."""
+    value = nbytes / GIB
+    return f"{value:,.0f} GiB" if value >= 100 else f"{value:.3g} GiB"
 
 
 def require_memory(nbytes: int, what: str, hint: str = "") -> None:

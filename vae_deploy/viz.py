@@ -179,11 +179,13 @@ def validation_set(
     return x, splits.val_y.numpy()
 
 
-def _count(name: str, value: Any, least: int = 1) -> int:
+def _count(name: str, value: Any, least: int = 1, why: str = "") -> int:
     """``value`` as an int if it is an integer >= ``least``, else a UsageError naming the option."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
-        kind = "a positive integer" if least == 1 else f"an integer of at least {least}"
-        raise UsageError(f"{name} must be {kind}, got {value!r}")
+        kind = {0: "a non-negative integer", 1: "a positive integer"}.get(
+            least, f"an integer of at least {least}"
+        )
+        raise UsageError(f"{name} must be {kind}{why}, got {value!r}")
     return int(value)
 
 
@@ -260,7 +262,7 @@ def interpolate(
     z_a to z_b (ends included) on the straight line, and on the great circle too with ``slerp_row``.
     """
     _start(source, out, seed)
-    steps = _count("steps", steps, least=2)  # both ends included
+    steps = _count("steps", steps, 2, " (both ends included)")
     check_tiles("steps", steps, steps + 2)
     rows = 2 if slerp_row else 1
     _require_grid(source, f"interpolate --steps {steps}", "use fewer --steps", rows, steps + 2, rows * steps)
