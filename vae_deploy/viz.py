@@ -181,10 +181,10 @@ def validation_set(
 
 def _count(name: str, value: Any, least: int = 1, why: str = "") -> int:
     """``value`` as an int if it is an integer >= ``least``, else a UsageError naming the option."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
-        kind = {0: "a non-negative integer", 1: "a positive integer"}.get(
-            least, f"an integer of at least {least}"
-        )
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise UsageError(f"{name} must be an integer, got {value!r}")
+    if value < least:
+        kind = {0: "a non-negative integer", 1: "a positive integer"}.get(least, f"at least {least}")
         raise UsageError(f"{name} must be {kind}{why}, got {value!r}")
     return int(value)
 
