@@ -27,7 +27,7 @@ from vae_deploy.config import ModelConfig, TrainConfig
 from vae_deploy.data import load_splits, read_idx
 from vae_deploy.errors import DataError, ResourceError, UsageError, VaeDeployError
 from vae_deploy.evaluate import bounds, evaluate
-from vae_deploy.images import tile
+from vae_deploy.images import tile, write_samples
 from vae_deploy.model import VAE
 
 RAW = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -184,6 +184,20 @@ def test_memory_estimates_are_close_to_the_measured_peak(
     measured, estimated = (int(v) for v in run.stdout.split()[-2:])
     assert measured > 100 * 2**20
     assert 0.7 * measured < estimated < 2.5 * measured, (measured, estimated)
+
+
+def test_png_grids_are_bounded_before_sampling(
+    model: Path, tmp_path: Path, little_memory: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from vae_deploy.export import export
+
+    exported = export(model, tmp_path / "exp", formats=("onnx",), verify=False, log=lambda _: None).out_dir
+    # before: sample -n 1500000 --out x.png sampled for minutes, then died tiling (MemoryError)
+    assert main(["sample", str(exported), "-n", "1500000", "--seed", "0", "--out", f"{tmp_path}/s.png"]) == 2
+    _one_line_error(capsys, "a 36,752 x 36,752 pixel PNG of 1,500,000 images needs", "write .npy instead")
+    with pytest.raises(ResourceError, match="PNG of 30,000 images needs 0.3"):
+        write_samples(tmp_path / "w.png", np.zeros((30_000, 1, 28, 28), np.float32))
+    assert not list(tmp_path.glob("*.png"))
 
 
 def test_evaluate_refuses_a_huge_k_in_one_line(

@@ -51,12 +51,29 @@ def _cgroup_headroom() -> int | None:
     return None
 
 
+def _address_space_headroom() -> int | None:
+    """What ``ulimit -v`` (RLIMIT_AS) still allows this process (None where there is no limit)."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft == resource.RLIM_INFINITY:
+            return None
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmSize:"):
+                return max(0, soft - int(line.split()[1]) * 1024)
+    except (ImportError, OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def available_memory() -> int:
     """Bytes this process can still allocate: MemAvailable (/proc/meminfo), else the physical
-    memory (sysconf), else a large default; capped by a container's memory limit if there is one."""
+    memory (sysconf), else a large default; capped by a container's memory limit and by
+    ``ulimit -v`` where they are set."""
     found = _meminfo_available() or _sysconf_physical() or DEFAULT_MEMORY
-    headroom = _cgroup_headroom()
-    return min(found, headroom) if headroom is not None else found
+    limits = [h for h in (_cgroup_headroom(), _address_space_headroom()) if h is not None]
+    return min([found, *limits])
 
 
 def gib(nbytes: float) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vae_deploy.images import check_out_path, grid_rows, write_samples
+from vae_deploy.images import check_out_path, grid_rows, require_png_memory, write_samples
 from vae_deploy.runtime import VAERuntime
 
 
@@ -52,6 +52,8 @@ def sample_to_file(
         grid_rows(np.empty((1, 1, 1, 1)), nrow)  # checks nrow before any work
     seed = int(np.random.SeedSequence().entropy) if seed is None else seed
     runtime = VAERuntime(export_dir, provider)
+    if out.suffix.lower() == ".png" and isinstance(n, int) and n > 0:
+        require_png_memory(n, runtime.image_shape, nrow)  # before sampling, not after
     start = time.perf_counter()
     images = runtime.sample(n, seed=seed, batch_size=batch_size, bernoulli=bernoulli, progress=progress)
     seconds = time.perf_counter() - start
