@@ -352,7 +352,7 @@ def latent_map(
     two_d = d == 2
     if two_d:
         check_tiles("grid", grid, grid)
-    what = f"latent-map --limit {limit}" + (f" --grid {grid}" if two_d else "")
+    what = f"latent-map --limit {images}" + (f" --grid {grid}" if two_d else "")
     require_memory(
         _map_bytes(source, images, grid if two_d else None), what, "use a smaller --limit or --grid"
     )
