@@ -190,11 +190,16 @@ def test_png_grids_are_bounded_before_sampling(
     model: Path, tmp_path: Path, little_memory: int, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from vae_deploy.export import export
+    from vae_deploy.sample import sample_to_file
 
     exported = export(model, tmp_path / "exp", formats=("onnx",), verify=False, log=lambda _: None).out_dir
-    # before: sample -n 1500000 --out x.png sampled for minutes, then died tiling (MemoryError)
-    assert main(["sample", str(exported), "-n", "1500000", "--seed", "0", "--out", f"{tmp_path}/s.png"]) == 2
-    _one_line_error(capsys, "a 36,752 x 36,752 pixel PNG of 1,500,000 images needs", "write .npy instead")
+    # before: the picture was only made after sampling, then died tiling (MemoryError under ulimit -v)
+    drawn: list[int] = []
+    with pytest.raises(ResourceError, match="a 6,722 x 6,722 pixel PNG of 50,000 images needs 0.58"):
+        sample_to_file(exported, 50_000, tmp_path / "s.png", seed=0, progress=drawn.append)
+    assert drawn == []  # refused before sampling
+    assert main(["sample", str(exported), "-n", "50000", "--seed", "0", "--out", f"{tmp_path}/s.png"]) == 2
+    _one_line_error(capsys, "PNG of 50,000 images needs", "write .npy instead")
     with pytest.raises(ResourceError, match="PNG of 30,000 images needs 0.3"):
         write_samples(tmp_path / "w.png", np.zeros((30_000, 1, 28, 28), np.float32))
     assert not list(tmp_path.glob("*.png"))
