@@ -87,12 +87,14 @@ def test_load_source_rejects_what_is_not_a_model(tmp_path: Path) -> None:
         viz.load_source(junk)
 
 
-def test_dataset_must_fit_the_model(tmp_path: Path) -> None:
+def test_dataset_must_fit_the_model(tmp_path: Path, data_root: Path) -> None:
     cfg = ModelConfig(arch="mlp", latent_dim=2, hidden=(16,), image_shape=(1, 16, 16))
     path = save_checkpoint(tmp_path / "small.pt", VAE(cfg))
     with pytest.raises(UsageError, match=r"\(1, 16, 16\).*\(1, 28, 28\)"):
-        viz.reconstruct(viz.load_source(path), tmp_path / "r.png", dataset="synthetic")
+        viz.reconstruct(viz.load_source(path), tmp_path / "r.png", dataset="mnist", data_root=data_root)
     assert not (tmp_path / "r.png").exists()
+    # synthetic (plumbing) data is made in the model's own shape
+    assert _png(viz.reconstruct(viz.load_source(path), tmp_path / "s.png", dataset="synthetic", n=2))
 
 
 # --- latent-space helpers -----------------------------------------------------------------------

@@ -198,6 +198,13 @@ def _view_options(default_out: str) -> Any:
     return wrap
 
 
+def _wrote(path: Path) -> None:
+    """Report a written file, printable whatever bytes its name has."""
+    from vae_deploy.errors import printable
+
+    click.echo(f"wrote {printable(str(path))}")
+
+
 def _index_pair(value: str | None) -> tuple[int, int] | None:
     if value is None:
         return None
@@ -220,7 +227,7 @@ def reconstruct(model: str, provider: str, out: str, **opts: Any) -> None:
     """
     from vae_deploy import viz
 
-    click.echo(f"wrote {viz.reconstruct(viz.load_source(model, provider), out, **opts)}")
+    _wrote(viz.reconstruct(viz.load_source(model, provider), out, **opts))
 
 
 @cli.command(epilog=_SOURCE_HELP)
@@ -238,7 +245,7 @@ def interpolate(model: str, provider: str, out: str, slerp: bool, indices: str |
 
     source = viz.load_source(model, provider)
     path = viz.interpolate(source, out, slerp_row=slerp, indices=_index_pair(indices), **opts)
-    click.echo(f"wrote {path}")
+    _wrote(path)
 
 
 @cli.command(epilog=_SOURCE_HELP)
@@ -252,7 +259,7 @@ def vary(model: str, provider: str, out: str, **opts: Any) -> None:
     """
     from vae_deploy import viz
 
-    click.echo(f"wrote {viz.vary(viz.load_source(model, provider), out, **opts)}")
+    _wrote(viz.vary(viz.load_source(model, provider), out, **opts))
 
 
 @cli.command(epilog=_SOURCE_HELP)
@@ -274,7 +281,7 @@ def latent_map(model: str, provider: str, out: str, **opts: Any) -> None:
     """
     from vae_deploy import viz
 
-    click.echo(f"wrote {viz.latent_map(viz.load_source(model, provider), out, **opts)}")
+    _wrote(viz.latent_map(viz.load_source(model, provider), out, **opts))
 
 
 @cli.command()
@@ -287,7 +294,7 @@ def curves(run_dir: str, out: str) -> None:
     """
     from vae_deploy import viz
 
-    click.echo(f"wrote {viz.curves(run_dir, out)}")
+    _wrote(viz.curves(run_dir, out))
 
 
 # --- evaluate -----------------------------------------------------------------------------------

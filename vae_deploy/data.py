@@ -1,4 +1,4 @@
-"""Datasets as in-memory float tensors [N,1,28,28] in [0,1] with integer labels.
+"""Datasets as in-memory float tensors [N,C,H,W] in [0,1] with integer labels.
 
 Reads a torchvision-style root (``ROOT/MNIST/raw/*-idx?-ubyte[.gz]``): through torchvision when
 the files it expects are there (or with ``download=True``), else with a small IDX reader. When only
@@ -9,16 +9,20 @@ validation images, and the returned ``Splits.note`` says so.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from vae_deploy.errors import DataError, UsageError
+from vae_deploy.resources import gib, require_memory
 
 DATA_ENV = "VAE_DEPLOY_DATA"
 _FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
@@ -28,7 +32,7 @@ _SPLIT_SEED = 20240521
 
 @dataclass(frozen=True)
 class Splits:
-    """Train/validation images [N,1,H,W] float32 in [0,1] and labels [N] int64."""
+    """Train/validation images [N,C,H,W] float32 in [0,1] and labels [N] int64."""
 
     train_x: Tensor
     train_y: Tensor
@@ -43,24 +47,66 @@ def resolve_data_root(data_root: str | os.PathLike | None) -> Path | None:
     return Path(root).expanduser() if root else None
 
 
+IDX_MAX_DIMS = 4  # MNIST-style files have 1 (labels) or 3 (images)
+IDX_MAX_BYTES = 1 << 34  # 16 GiB: far above any dataset read here; a larger header is corrupt
+_READ_BLOCK = 1 << 20
+
+
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an IDX file (optionally .gz) into a numpy array, checking its header."""
+    """Read an unsigned-byte IDX file (optionally .gz) into a numpy array, checking its header.
+
+    The header is checked before the body is read, and the body is read in blocks up to the size
+    the header promises, so a corrupt header or a decompression bomb costs no more memory than the
+    data really there (and never more than the header promises).
+    """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as exc:
+            dims = _idx_header(f, path)
+            count = math.prod(dims)
+            if count > IDX_MAX_BYTES:
+                raise DataError(
+                    f"{path}: its IDX header promises {dims} = {gib(count)} of data, more than the "
+                    f"{gib(IDX_MAX_BYTES)} any dataset read here has; the file is corrupt"
+                )
+            if path.suffix != ".gz":
+                body = os.fstat(f.fileno()).st_size - 4 - 4 * len(dims)
+                if body != count:
+                    raise DataError(_size_mismatch(path, dims, body))
+            require_memory(count, f"reading {path}", "the file is too large for this machine")
+            raw = bytearray()
+            while len(raw) <= count:
+                block = f.read(min(_READ_BLOCK, count + 1 - len(raw)))
+                if not block:
+                    break
+                raw += block
+    except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"cannot read IDX file {path}: {exc}") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+    if len(raw) != count:
+        raise DataError(_size_mismatch(path, dims, len(raw), exact=len(raw) <= count))
+    return np.frombuffer(raw, dtype=np.uint8).reshape(dims)
+
+
+def _idx_header(f: BinaryIO, path: Path) -> tuple[int, ...]:
+    magic = f.read(4)
+    if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] != 0x08:
         raise DataError(f"{path} is not an unsigned-byte IDX file (bad magic number)")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    count = int(np.prod(dims)) if dims else 0
-    if len(raw) - header != count:
-        raise DataError(f"{path} is truncated or padded: header says {dims}, {len(raw) - header} bytes")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+    ndim = magic[3]
+    if not 1 <= ndim <= IDX_MAX_DIMS:
+        raise DataError(
+            f"{path}: IDX header says {ndim} dimensions, expected 1 to {IDX_MAX_DIMS} (1 for labels, 3 for images)"
+        )
+    sizes = f.read(4 * ndim)
+    if len(sizes) != 4 * ndim:
+        raise DataError(f"{path} is truncated: it ends inside its IDX header")
+    return struct.unpack(f">{ndim}I", sizes)
+
+
+def _size_mismatch(path: Path, dims: tuple[int, ...], got: int, exact: bool = True) -> str:
+    want = math.prod(dims)
+    what, has = ("truncated", f"{got:,}") if got < want else ("padded", f"{got:,}" if exact else "more")
+    return f"{path} is {what}: its header says {dims} = {want:,} bytes of data, the file has {has}"
 
 
 def _find(raw: Path, stem: str) -> Path | None:
@@ -76,7 +122,10 @@ def _load_split(raw: Path, prefix: str) -> tuple[Tensor, Tensor] | None:
         return None
     x, y = read_idx(images), read_idx(labels)
     if x.ndim != 3 or y.ndim != 1 or x.shape[0] != y.shape[0]:
-        raise DataError(f"{images} and {labels} do not form an image/label pair")
+        raise DataError(
+            f"{images} and {labels} do not form an image/label pair: expected [N, H, W] images and "
+            f"[N] labels, got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     return torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64))
 
 
@@ -90,7 +139,11 @@ def _via_torchvision(name: str, root: Path, download: bool) -> tuple[Tensor, ...
     try:
         tr = cls(str(root), train=True, download=download)
         te = cls(str(root), train=False, download=download)
-    except RuntimeError:
+    except RuntimeError:  # not there (or the download failed)
+        return None
+    except Exception:  # noqa: BLE001 - e.g. a corrupt file: our reader says precisely what is wrong
+        if download:
+            raise
         return None
     return tr.data.unsqueeze(1), tr.targets, te.data.unsqueeze(1), te.targets
 
@@ -118,22 +171,32 @@ def load_splits(
     download: bool = False,
     train_limit: int | None = None,
     val_limit: int | None = None,
+    image_shape: tuple[int, int, int] | None = None,
 ) -> Splits:
-    """Load train/validation splits of ``dataset`` (``mnist``, ``fashion-mnist`` or ``synthetic``)."""
+    """Load train/validation splits of ``dataset`` (``mnist``, ``fashion-mnist`` or ``synthetic``).
+
+    ``image_shape`` (C, H, W) shapes the ``synthetic`` images (default 1x28x28), so plumbing data
+    fits any model; real datasets have their own shape. An empty split is a DataError.
+    """
+    for name, lim in (("train_limit", train_limit), ("val_limit", val_limit)):
+        if lim is not None and lim < 1:
+            raise UsageError(f"{name} must be a positive integer, got {lim}")
     if dataset == "synthetic":
-        x, y = synthetic(2400)
+        shape = tuple(image_shape) if image_shape is not None else (1, 28, 28)
+        require_memory(3 * 2400 * 4 * math.prod(shape), f"synthetic data of shape {shape}", "use smaller images")
+        x, y = synthetic(2400, shape=shape)  # type: ignore[arg-type]
         tx, ty, vx, vy, note = x[:2000], y[:2000], x[2000:], y[2000:], "synthetic: 2,000 train / 400 val"
     elif dataset in _FOLDERS:
         tx, ty, vx, vy, note = _load_real(dataset, data_root, download)
     else:
         raise UsageError(f"dataset must be one of mnist, fashion-mnist, synthetic; got {dataset!r}")
+    for split, images in (("training", tx), ("validation", vx)):
+        if len(images) == 0:
+            raise DataError(f"{dataset}'s {split} split is empty ({note}): expected at least one image")
     if tx.dtype == torch.uint8:
         tx, vx = tx.float() / 255.0, vx.float() / 255.0
     if binarize:
         tx, vx = (tx > 0.5).float(), (vx > 0.5).float()
-    for name, lim in (("train_limit", train_limit), ("val_limit", val_limit)):
-        if lim is not None and lim < 1:
-            raise UsageError(f"{name} must be a positive integer, got {lim}")
     if train_limit:
         tx, ty = tx[:train_limit], ty[:train_limit]
     if val_limit:

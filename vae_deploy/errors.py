@@ -13,11 +13,18 @@ class VaeDeployError(Exception):
 
     exit_code = 1
 
+    def __str__(self) -> str:
+        return printable(super().__str__())
+
 
 class UsageError(VaeDeployError, ValueError):
     """Bad arguments or input values (wrong shape, dtype, range, option)."""
 
     exit_code = 2
+
+
+class ResourceError(UsageError):
+    """A job would need more memory than the machine has (or an absurd amount for its output)."""
 
 
 class ConfigError(UsageError):
@@ -80,6 +87,20 @@ def missing_extra(exc: ModuleNotFoundError) -> MissingExtraError | None:
     if extra is None:
         return None
     return MissingExtraError(f"this needs {top}, which comes with the {extra} extra: pip install 'vae-deploy[{extra}]'")
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print on any UTF-8 stream: undecodable file-name bytes (the lone surrogates
+    Python decodes them to) become ``\\xff``-style escapes instead of crashing the write."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that was not a file-name byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def first_line(exc: BaseException, limit: int = 240) -> str:

@@ -20,11 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vae_deploy.errors import UsageError
+from vae_deploy.errors import ResourceError, UsageError, printable
 from vae_deploy.losses import gaussian_log_prob, gaussian_log_prob_std
 from vae_deploy.model import VAE
+from vae_deploy.resources import gib, require_memory
 
 SAMPLES_PER_CHUNK = 10_000  # decoder rows per forward pass (k * images), bounds memory
+MAX_VALIDATION = 10_000  # the largest validation split of the datasets here (MNIST's test set)
 
 
 @dataclass(frozen=True)
@@ -53,8 +55,7 @@ class EvalResult:
 def log_weights(model: VAE, x: Tensor, k: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Importance log-weights [k, N] of x [N,C,H,W] under ``model``, and the per-image ELBO [N]
     (log p(x|z) averaged over the same k samples, minus the analytic KL)."""
-    if k < 1:
-        raise UsageError(f"k (importance samples) must be a positive integer, got {k}")
+    _check_k(k)
     mu, logvar = model.encoder(x)
     std = torch.exp(0.5 * logvar)
     eps = torch.randn((k, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
@@ -67,16 +68,65 @@ def log_weights(model: VAE, x: Tensor, k: int, generator: torch.Generator | None
     return log_w, log_px_z.view(k, -1).mean(0) - kl
 
 
+def _check_k(k: object) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise UsageError(f"k (importance samples) must be a positive integer, got {k!r}")
+    return k
+
+
+@torch.no_grad()
+def decoder_row_values(model: VAE) -> int:
+    """Values the decoder computes for one latent row (every layer's output, views excluded)."""
+    total = [0]
+
+    def count(module: torch.nn.Module, inputs: object, output: Tensor) -> None:
+        if not isinstance(module, (torch.nn.Flatten, torch.nn.Unflatten)):
+            total[0] += output[0].numel()
+
+    leaves = [m for m in model.decoder.modules() if not list(m.children())]
+    hooks = [m.register_forward_hook(count) for m in leaves]
+    try:
+        p = next(model.parameters())
+        model.decoder.logits(torch.zeros(1, model.latent_dim, device=p.device, dtype=p.dtype))
+    finally:
+        for h in hooks:
+            h.remove()
+    return total[0]
+
+
+def peak_bytes(model: VAE, images: int, k: int) -> int:
+    """Peak memory of :func:`bounds` over ``images`` images: one chunk of k samples per image, each
+    row through the decoder (every layer's output) plus the target, the per-pixel loss and a
+    temporary, and the latents and densities (float32)."""
+    rows = min(images, max(1, SAMPLES_PER_CHUNK // k)) * k
+    pixels = math.prod(model.config.image_shape)
+    return 4 * rows * (decoder_row_values(model) + 3 * pixels + 6 * model.latent_dim)
+
+
+def require_bounds_memory(model: VAE, images: int, k: int, device: torch.device | str = "cpu") -> None:
+    """Refuse (one line) an evaluation whose chunk of k samples would not fit in memory."""
+    need = peak_bytes(model, images, k)
+    device = torch.device(device)
+    what = f"evaluating with k={k} importance samples"
+    hint = "use a smaller --k"
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if need > free:
+            raise ResourceError(f"{what} needs {gib(need)}, more than the {gib(free)} free on {device}; {hint}")
+        return
+    require_memory(need, what, hint)
+
+
 @torch.no_grad()
 def bounds(
     model: VAE, x: Tensor, k: int = 100, seed: int = 0, device: torch.device | str = "cpu"
 ) -> tuple[Tensor, Tensor]:
     """Per-image ELBO [N] and k-sample IWAE bound [N] (log-likelihood lower bounds, nats), chunked."""
-    if k < 1:
-        raise UsageError(f"k (importance samples) must be a positive integer, got {k}")
+    k = _check_k(k)
     if len(x) == 0:
-        raise UsageError("no images to evaluate")
+        raise UsageError("no images to evaluate: expected at least one validation image")
     device = torch.device(device)
+    require_bounds_memory(model, len(x), k, device)
     model = model.to(device).eval()
     gen = torch.Generator(device=device).manual_seed(seed)
     per_chunk = max(1, SAMPLES_PER_CHUNK // k)
@@ -108,24 +158,30 @@ def evaluate(
     from vae_deploy.data import load_splits
     from vae_deploy.training import resolve_device
 
-    if k < 1:
-        raise UsageError(f"k (importance samples) must be a positive integer, got {k}")
+    k = _check_k(k)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise UsageError(f"limit must be a positive integer (validation images), got {limit!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64:
+        raise UsageError(f"seed must be an integer from -2**63 to 2**64 - 1, got {seed!r}")
     path = Path(checkpoint)
     if path.is_dir():
         path = path / "checkpoint.pt"
     state = read_checkpoint(path)
     model = model_from_state(state, str(path))
+    device = resolve_device(device)
+    require_bounds_memory(model, min(limit or MAX_VALIDATION, MAX_VALIDATION), k, device)
     trained = state.get("train_config") or {}
     name = dataset or trained.get("dataset") or "mnist"
     binary = bool(trained.get("binarize", False)) if binarize is None else binarize
-    splits = load_splits(name, data_root, binarize=binary, val_limit=limit)
+    shape = tuple(model.config.image_shape) if name == "synthetic" else None
+    splits = load_splits(name, data_root, binarize=binary, val_limit=limit, image_shape=shape)
     x = splits.val_x
     if tuple(x.shape[1:]) != tuple(model.config.image_shape):
         raise UsageError(
             f"{path} takes images of shape {tuple(model.config.image_shape)}, but {name} has "
             f"{tuple(x.shape[1:])}: pick the dataset the model was trained on"
         )
-    elbo, iwae = bounds(model, x, k, seed, resolve_device(device))
+    elbo, iwae = bounds(model, x, k, seed, device)
     return EvalResult(
         nelbo=-float(elbo.double().mean()),
         iwae_nll=-float(iwae.double().mean()),
@@ -133,17 +189,26 @@ def evaluate(
         images=len(x),
         dataset=name,
         binarized=binary,
-        checkpoint=str(path),
+        checkpoint=printable(str(path)),
         data_note=splits.note,
         seed=seed,
     )
 
 
 def write_json(result: EvalResult, path: str | os.PathLike) -> Path:
+    """Write ``result`` as JSON to ``path`` atomically."""
     from vae_deploy.files import atomic_write
 
     atomic_write(path, (json.dumps(asdict(result), indent=2) + "\n").encode())
     return Path(path)
 
 
-__all__ = ["EvalResult", "log_weights", "bounds", "evaluate", "write_json"]
+__all__ = [
+    "EvalResult",
+    "log_weights",
+    "peak_bytes",
+    "require_bounds_memory",
+    "bounds",
+    "evaluate",
+    "write_json",
+]

@@ -14,8 +14,13 @@ import numpy as np
 
 from vae_deploy.errors import UsageError
 from vae_deploy.files import atomic_write
+from vae_deploy.resources import require_memory
 
 SAMPLE_SUFFIXES = (".png", ".npy")
+# Peak bytes per picture value while making a PNG grid: the float canvas and its clipped, padded
+# and scaled copies (4 B each, not all alive at once), the uint8 picture, pillow's copy and the
+# encoder's buffer. Measured: 12 B per value.
+PNG_BYTES_PER_VALUE = 14
 
 
 def tile(rows: Sequence[np.ndarray], pad: int = 2, fill: float = 1.0) -> np.ndarray:
@@ -53,6 +58,26 @@ def image_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2) ->
     return pixels[:, :, None] if pixels.ndim == 2 else pixels
 
 
+def grid_picture_shape(
+    n: int, image_shape: Sequence[int], nrow: int | None = None, padding: int = 2
+) -> tuple[int, int, int]:
+    """(height, width, channels) of :func:`image_grid`'s picture of n images of ``image_shape``."""
+    c, h, w = image_shape
+    ncol = min(nrow or max(1, math.ceil(math.sqrt(n))), n)
+    rows = math.ceil(n / ncol)
+    return rows * (h + padding) + padding, ncol * (w + padding) + padding, c
+
+
+def require_png_memory(n: int, image_shape: Sequence[int], nrow: int | None = None) -> None:
+    """Refuse, before any work, a PNG grid of n images that would not fit in memory."""
+    y, x, c = grid_picture_shape(n, image_shape, nrow)
+    require_memory(
+        y * x * c * PNG_BYTES_PER_VALUE,
+        f"a {x:,} x {y:,} pixel PNG of {n:,} images",
+        "write .npy instead, or fewer images",
+    )
+
+
 def check_out_path(path: str | os.PathLike) -> Path:
     """``path`` if it names a .png or .npy file (not a folder), else a UsageError."""
     path = Path(path)
@@ -81,4 +106,6 @@ def write_samples(path: str | os.PathLike, images: np.ndarray, nrow: int | None 
     path = check_out_path(path)
     if path.suffix.lower() == ".npy":
         return atomic_write(path, lambda f: np.save(f, images))
+    if len(images):
+        require_png_memory(len(images), images.shape[1:], nrow)
     return atomic_write(path, png_bytes(image_grid(images, nrow)))

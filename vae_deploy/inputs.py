@@ -5,7 +5,6 @@ every refusal is a ``UsageError`` that says what was expected. numpy only."""
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import numpy as np
@@ -89,11 +88,3 @@ def check_images(x: np.ndarray, value_range: tuple[float, float]) -> None:
     if lo < value_range[0] or hi > value_range[1]:
         hint = " (divide 8-bit images by 255)" if value_range == (0.0, 1.0) else ""
         raise UsageError(f"x must hold pixel values in {want}, got [{lo:g}, {hi:g}]{hint}")
-
-
-def physical_memory() -> int | None:
-    """Bytes of RAM, where the OS says (a bound for one output array)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None

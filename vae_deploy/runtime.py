@@ -40,6 +40,7 @@ from vae_deploy.contract import DECODER, ENCODER, LOGVAR, MEAN, PRECISION_FORMAT
 from vae_deploy.engines import CpuPlan, Engine, open_engine
 from vae_deploy.errors import ExportError, ProviderError, UsageError
 from vae_deploy.manifest import read_manifest, read_verified
+from vae_deploy.resources import require_memory
 from vae_deploy.streams import sample_streams
 
 PROVIDERS = DEVICES
@@ -277,12 +278,11 @@ class VAERuntime:
         batch = min(n, default if batch_size is None else inputs.count(batch_size, "batch_size"))
         row_bytes = 4 * math.prod(self._static("image shape", self.image_shape))
         need = row_bytes * (n if rows_kept is None else min(n, max(batch, rows_kept)))
-        memory = inputs.physical_memory() or 1 << 40  # unknown (no sysconf): refuse beyond 1 TiB
-        if need > memory:
-            raise UsageError(
-                f"{n} samples of shape {list(self.image_shape)} need {need / 2**30:.1f} GiB, more than this "
-                f"machine's {memory / 2**30:.1f} GiB of memory; use sample_iter() to stream them in batches"
-            )
+        require_memory(
+            need,
+            f"{n} samples of shape {list(self.image_shape)}",
+            "use sample_iter() to stream them in batches" if rows_kept is None else "use a smaller batch_size",
+        )
         return n, batch
 
     def _streams(self, seed: Any, bernoulli: bool) -> tuple[Any, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vae_deploy.images import check_out_path, grid_rows, write_samples
+from vae_deploy.images import check_out_path, grid_rows, require_png_memory, write_samples
+from vae_deploy.resources import available_memory
 from vae_deploy.runtime import VAERuntime
 
 
@@ -52,6 +54,9 @@ def sample_to_file(
         grid_rows(np.empty((1, 1, 1, 1)), nrow)  # checks nrow before any work
     seed = int(np.random.SeedSequence().entropy) if seed is None else seed
     runtime = VAERuntime(export_dir, provider)
+    shape = tuple(int(v) for v in runtime.image_shape)
+    if out.suffix.lower() == ".png" and isinstance(n, int) and 0 < n * 4 * math.prod(shape) <= available_memory():
+        require_png_memory(n, shape, nrow)  # the samples fit (else the runtime says so); their picture?
     start = time.perf_counter()
     images = runtime.sample(n, seed=seed, batch_size=batch_size, bernoulli=bernoulli, progress=progress)
     seconds = time.perf_counter() - start

@@ -3,30 +3,58 @@
 A view reads a model through ``load_source(path)``: an export folder (``manifest.json``) runs through
 ``VAERuntime`` (onnxruntime), a checkpoint file or a run folder (``checkpoint.pt``) through the eager
 torch model. Both give the same numpy interface (``encode(x) -> (mu, logvar)``, ``decode(z) -> x``),
-so every view below is written once. Each view writes a PNG atomically and returns its path.
+so every view below is written once, for gray or colour images of any size. Each view checks its
+options and estimates its peak memory before any work (refusing in one line what would not fit),
+then writes a PNG atomically and returns its path.
 
-Plots use matplotlib (the optional ``viz`` extra) through its object API (no pyplot state), and
-t-SNE uses scikit-learn; both are imported only when a view runs.
+Figures are drawn by :mod:`vae_deploy.figures` (matplotlib, the optional ``viz`` extra); the latent
+math lives in :mod:`vae_deploy.latents` (t-SNE uses scikit-learn); both import their extras lazily.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import NormalDist
 from typing import Any
 
 import numpy as np
 
-from vae_deploy.errors import MissingExtraError, UsageError
+from vae_deploy.errors import UsageError, printable
+from vae_deploy.figures import (
+    check_channels,
+    check_figure,
+    check_tiles,
+    draw_grid,
+    figure_bytes,
+    grid_figure,
+    grid_figure_inches,
+    mosaic_bytes,
+    new_figure,
+    png_path,
+    save,
+)
+from vae_deploy.latents import (
+    MAP_METHODS,
+    TSNE_MIN_IMAGES,
+    embed_2d,
+    lerp,
+    manifold_latents,
+    one_per_class,
+    pick_pair,
+    posterior_draws,
+    slerp,
+)
+from vae_deploy.resources import require_memory
 
-VIZ_HINT = 'pip install "vae-deploy[viz]"'
-MAP_METHODS = ("auto", "tsne", "pca")
+CHUNK = 1000  # rows per encode/decode call: bounds the model's working memory
+MAX_SEED = 2**32 - 1  # numpy and scikit-learn seeds
+MAX_VALIDATION = 10_000  # the largest validation split of the datasets here (MNIST's test set)
+CLASSES = 10  # every dataset here has ten labels: one row each in ``vary``
+MAP_FIGURE_INCHES = {True: (9.0, 4.0), False: (5.6, 4.6)}  # latent-map figure, by "2-D latent"
 
 
 # --- the model source ---------------------------------------------------------------------------
@@ -58,8 +86,8 @@ def _checkpoint_source(path: Path) -> Source:
     @torch.no_grad()
     def encode(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         mus, logvars = [], []
-        for i in range(0, len(x), 1000):
-            mu, logvar = model.encoder(torch.from_numpy(np.ascontiguousarray(x[i : i + 1000], np.float32)))
+        for i in range(0, len(x), CHUNK):
+            mu, logvar = model.encoder(torch.from_numpy(np.ascontiguousarray(x[i : i + CHUNK], np.float32)))
             mus.append(mu.numpy())
             logvars.append(logvar.numpy())
         return np.concatenate(mus), np.concatenate(logvars)
@@ -67,14 +95,14 @@ def _checkpoint_source(path: Path) -> Source:
     @torch.no_grad()
     def decode(z: np.ndarray) -> np.ndarray:
         zs = torch.from_numpy(np.ascontiguousarray(z, np.float32))
-        return np.concatenate([model.decoder(zs[i : i + 1000]).numpy() for i in range(0, len(zs), 1000)])
+        return np.concatenate([model.decoder(zs[i : i + CHUNK]).numpy() for i in range(0, len(zs), CHUNK)])
 
     return Source(
         encode,
         decode,
         model.latent_dim,
         tuple(model.config.image_shape),
-        path.parent.name if path.name == "checkpoint.pt" else path.stem,
+        printable(path.parent.name if path.name == "checkpoint.pt" else path.stem),
         "checkpoint",
         train_cfg.get("dataset"),
         bool(train_cfg.get("binarize", False)),
@@ -86,12 +114,23 @@ def _export_source(folder: Path, provider: str) -> Source:
 
     rt = VAERuntime(folder, provider=provider)
     trained_on = rt.manifest.raw.get("training") or {}
+
+    def in_chunks(f: Callable[[np.ndarray], Any], x: np.ndarray) -> list[Any]:
+        return [f(x[i : i + CHUNK]) for i in range(0, max(len(x), 1), CHUNK)]
+
+    def encode(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        parts = in_chunks(rt.encode, x)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def decode(z: np.ndarray) -> np.ndarray:
+        return np.concatenate(in_chunks(rt.decode, z))
+
     return Source(
-        rt.encode,
-        rt.decode,
+        encode,
+        decode,
         int(rt.latent_dim),
         tuple(int(s) for s in rt.image_shape),
-        folder.name,
+        printable(folder.name),
         "export",
         trained_on.get("dataset"),
         bool(trained_on.get("binarize", False)),
@@ -112,17 +151,23 @@ def load_source(path: str | os.PathLike, provider: str = "auto") -> Source:
     raise UsageError(f"no such model: {p} (expected an export folder, a run folder or a checkpoint file)")
 
 
-# --- data ---------------------------------------------------------------------------------------
+# --- checks before any work ---------------------------------------------------------------------
 
 
 def validation_set(
     source: Source, dataset: str | None, data_root: str | os.PathLike | None, limit: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Validation images (float32 [N,C,H,W]) and labels (int64 [N]) that fit ``source``."""
+    """Validation images (float32 [N,C,H,W]) and labels (int64 [N]) that fit ``source``.
+
+    ``synthetic`` data is made in the model's image shape; a real dataset must match it.
+    """
     from vae_deploy.data import load_splits
 
+    if limit is not None:
+        _count("limit", limit)
     name = dataset or source.dataset or "mnist"
-    splits = load_splits(name, data_root, binarize=source.binarize, val_limit=limit)
+    shape = tuple(source.image_shape) if name == "synthetic" else None
+    splits = load_splits(name, data_root, binarize=source.binarize, val_limit=limit, image_shape=shape)
     x = splits.val_x.numpy().astype(np.float32, copy=False)
     if tuple(x.shape[1:]) != tuple(source.image_shape):
         raise UsageError(
@@ -132,164 +177,41 @@ def validation_set(
     return x, splits.val_y.numpy()
 
 
-def _positive(name: str, value: int) -> None:
-    if int(value) < 1:
-        raise UsageError(f"{name} must be a positive integer, got {value}")
+def _count(name: str, value: Any, least: int = 1, why: str = "") -> int:
+    """``value`` as an int if it is an integer >= ``least``, else a UsageError naming the option."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise UsageError(f"{name} must be an integer, got {value!r}")
+    if value < least:
+        kind = {0: "a non-negative integer", 1: "a positive integer"}.get(least, f"at least {least}")
+        raise UsageError(f"{name} must be {kind}{why}, got {value!r}")
+    return int(value)
 
 
-# --- latent-space helpers (pure numpy; tested directly) -----------------------------------------
+def _start(source: Source, out: str | os.PathLike, seed: Any) -> None:
+    """What every view checks first: the output path, the picture's channels, the seed."""
+    png_path(out)
+    check_channels(source.image_shape)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"seed must be an integer from 0 to {MAX_SEED}, got {seed!r}")
 
 
-def lerp(z0: np.ndarray, z1: np.ndarray, steps: int) -> np.ndarray:
-    """``steps`` points on the straight line from z0 to z1, both ends included: [steps, d]."""
-    t = np.linspace(0.0, 1.0, steps, dtype=np.float64)[:, None]
-    return ((1 - t) * z0[None].astype(np.float64) + t * z1[None].astype(np.float64)).astype(np.float32)
+def _image_bytes(source: Source, count: int) -> int:
+    """Memory of ``count`` float32 images of the model's shape."""
+    return count * 4 * math.prod(source.image_shape)
 
 
-def slerp(z0: np.ndarray, z1: np.ndarray, steps: int) -> np.ndarray:
-    """Spherical interpolation (great circle, norms interpolated linearly); lerp for parallel ends.
-
-    A Gaussian latent's mass sits near a shell, so the path along it stays in likely regions where
-    the straight line cuts through the low-norm middle.
-    """
-    a, b = z0.astype(np.float64), z1.astype(np.float64)
-    na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    if na < 1e-12 or nb < 1e-12:
-        return lerp(z0, z1, steps)
-    omega = math.acos(float(np.clip(np.dot(a / na, b / nb), -1.0, 1.0)))
-    if omega < 1e-6 or math.pi - omega < 1e-6:  # parallel or opposite: no unique great circle
-        return lerp(z0, z1, steps)
-    t = np.linspace(0.0, 1.0, steps)[:, None]
-    dirs = (np.sin((1 - t) * omega) * (a / na) + np.sin(t * omega) * (b / nb)) / math.sin(omega)
-    norms = (1 - t) * na + t * nb
-    return (dirs * norms).astype(np.float32)
+def _decode_bytes(source: Source, count: int) -> int:
+    """Decoding ``count`` latents: the images twice (the chunks and their concatenation) and one
+    chunk's working memory in the model."""
+    return 2 * _image_bytes(source, count) + 8 * _image_bytes(source, min(count, CHUNK))
 
 
-def posterior_draws(mu: np.ndarray, logvar: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """n draws of z ~ N(mu, diag(exp(logvar))) for one image: [n, d]."""
-    eps = rng.standard_normal((n, mu.shape[-1]))
-    return (mu[None] + np.exp(0.5 * logvar)[None] * eps).astype(np.float32)
-
-
-def manifold_latents(grid: int) -> tuple[np.ndarray, np.ndarray]:
-    """A grid x grid lattice over N(0, I)'s 5%..95% quantiles (row-major, z2 decreasing down the rows).
-
-    Returns (z [grid*grid, 2], the 1-D quantile values). Quantile spacing puts equal prior mass
-    between neighbours, as in Kingma & Welling's manifold figures.
-    """
-    q = np.array([NormalDist().inv_cdf(p) for p in np.linspace(0.05, 0.95, grid)], dtype=np.float32)
-    z1, z2 = np.meshgrid(q, q[::-1])
-    return np.stack([z1.ravel(), z2.ravel()], axis=1), q
-
-
-def embed_2d(mu: np.ndarray, method: str = "auto", seed: int = 0) -> tuple[np.ndarray, str]:
-    """2-D coordinates of latent means: the means themselves when d <= 2, else t-SNE or PCA."""
-    if method not in MAP_METHODS:
-        raise UsageError(f"method must be one of {MAP_METHODS}, got {method!r}")
-    d = mu.shape[1]
-    if d == 1:
-        return np.column_stack([mu[:, 0], np.zeros(len(mu))]).astype(np.float32), "z"
-    if d == 2:
-        return mu.astype(np.float32), "z"
-    if method == "pca":
-        centred = mu - mu.mean(axis=0)
-        _, _, vt = np.linalg.svd(centred.astype(np.float64), full_matrices=False)
-        return (centred @ vt[:2].T).astype(np.float32), "PCA"
-    try:
-        from sklearn.manifold import TSNE
-    except ImportError:
-        raise MissingExtraError(f"t-SNE needs scikit-learn: {VIZ_HINT} (or use --method pca)") from None
-    perplexity = float(min(30.0, max(2.0, (len(mu) - 1) / 3)))
-    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
-    return tsne.fit_transform(mu.astype(np.float32)).astype(np.float32), "t-SNE"
-
-
-# --- rendering ----------------------------------------------------------------------------------
-
-
-def _figure(width: float, height: float) -> Any:
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise MissingExtraError(f"pictures need matplotlib: {VIZ_HINT}") from None
-    return Figure(figsize=(width, height), dpi=100, layout="constrained")
-
-
-def _png_path(out: str | os.PathLike) -> Path:
-    """Checked before any work is done, so a typo fails fast."""
-    out = Path(out)
-    if out.suffix.lower() != ".png":
-        raise UsageError(f"--out must name a .png file, got {out}")
-    if out.is_dir():
-        raise UsageError(f"--out {out} is a folder; expected a .png file name")
-    return out
-
-
-def _save(fig: Any, out: str | os.PathLike) -> Path:
-    from vae_deploy.files import atomic_write
-
-    out = _png_path(out)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write(out, _palette_png(buf.getvalue()))
-    return out
-
-
-def _palette_png(png: bytes) -> bytes:
-    """Re-encode as a 256-colour palette PNG: these plots use few colours, and the file is 2-3x smaller."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.open(io.BytesIO(png)).convert("RGB").quantize(colors=256, dither=Image.Dither.NONE).save(
-        buf, format="PNG", optimize=True
-    )
-    return buf.getvalue()
-
-
-def _mosaic(rows: Sequence[np.ndarray], pad: int = 2) -> np.ndarray:
-    """Rows of images [n,C,H,W] (n may differ) -> one [rows*(H+pad)-pad, cols*(W+pad)-pad(, 3)] array."""
-    c, h, w = rows[0].shape[1:]
-    cols = max(len(r) for r in rows)
-    shape = (len(rows) * (h + pad) - pad, cols * (w + pad) - pad) + ((3,) if c == 3 else ())
-    canvas = np.ones(shape, dtype=np.float32)  # white gutters
-    for i, row in enumerate(rows):
-        for j, img in enumerate(row):
-            tile = img[0] if c == 1 else img[:3].transpose(1, 2, 0)
-            canvas[i * (h + pad) : i * (h + pad) + h, j * (w + pad) : j * (w + pad) + w] = tile
-    return np.clip(canvas, 0.0, 1.0)
-
-
-def _draw_grid(
-    ax: Any,
-    rows: Sequence[np.ndarray],
-    row_labels: Sequence[str],
-    col_labels: Sequence[str] = (),
-    pad: int = 2,
-    every: int = 1,
-    interpolation: str = "nearest",
-) -> None:
-    """Draw image rows on ``ax``, labelling every ``every``-th row and column."""
-    canvas = _mosaic(rows, pad)
-    ax.imshow(canvas, cmap="gray", vmin=0.0, vmax=1.0, interpolation=interpolation)
-    h, w = rows[0].shape[2:]
-    ys = range(0, len(row_labels), every)
-    xs = range(0, len(col_labels), every)
-    ax.set_yticks([i * (h + pad) + h / 2 for i in ys], [row_labels[i] for i in ys])
-    ax.set_xticks([j * (w + pad) + w / 2 for j in xs], [col_labels[j] for j in xs])
-    ax.tick_params(length=0, labelsize=8)
-    for spine in ax.spines.values():
-        spine.set_visible(False)
-
-
-def _grid_figure(
-    rows: Sequence[np.ndarray], row_labels: Sequence[str], title: str, col_labels: Sequence[str] = ()
-) -> Any:
-    cols = max(len(r) for r in rows)
-    fig = _figure(0.55 * cols + 1.2, 0.55 * len(rows) + 0.7)
-    ax = fig.add_subplot()
-    _draw_grid(ax, rows, row_labels, col_labels)
-    ax.set_title(title, fontsize=9)
-    return fig
+def _require_grid(source: Source, what: str, hint: str, rows: int, cols: int, decoded: int) -> None:
+    """Refuse a grid figure that matplotlib cannot draw or that would not fit in memory."""
+    inches = grid_figure_inches(rows, cols, source.image_shape)
+    check_figure(*inches, what)
+    need = _decode_bytes(source, decoded) + mosaic_bytes(rows, cols, source.image_shape)
+    require_memory(need + figure_bytes(*inches), what, hint)
 
 
 # --- views --------------------------------------------------------------------------------------
@@ -305,28 +227,20 @@ def reconstruct(
     seed: int = 0,
 ) -> Path:
     """n random validation images (top row) above their reconstructions decode(mu) (bottom row)."""
-    _png_path(out)
-    _positive("n", n)
+    _start(source, out, seed)
+    n = _count("n", n)
+    check_tiles("n", n, n)
+    _require_grid(source, f"reconstruct -n {n}", "use a smaller -n", 2, n, n)
     x, y = validation_set(source, dataset, data_root)
     idx = np.random.default_rng(seed).choice(len(x), size=min(n, len(x)), replace=False)
     mu, _ = source.encode(x[idx])
-    fig = _grid_figure(
+    fig = grid_figure(
         [x[idx], source.decode(mu)],
         ["original", "reconstruction"],
         f"{source.name}: reconstructions (validation, seed {seed})",
         [str(int(v)) for v in y[idx]],
     )
-    return _save(fig, out)
-
-
-def pick_pair(labels: np.ndarray, seed: int) -> tuple[int, int]:
-    """Two validation indices with different labels, chosen by ``seed``."""
-    rng = np.random.default_rng(seed)
-    i = int(rng.integers(len(labels)))
-    others = np.flatnonzero(labels != labels[i])
-    if len(others) == 0:
-        raise UsageError("every validation image has the same label: pass --indices i,j")
-    return i, int(rng.choice(others))
+    return save(fig, out)
 
 
 def interpolate(
@@ -345,14 +259,20 @@ def interpolate(
     The first and last columns are the two originals; between them ``steps`` decoded points from
     z_a to z_b (ends included) on the straight line, and on the great circle too with ``slerp_row``.
     """
-    _png_path(out)
-    if steps < 2:
-        raise UsageError(f"steps must be at least 2 (both ends included), got {steps}")
+    _start(source, out, seed)
+    steps = _count("steps", steps, 2, " (both ends included)")
+    check_tiles("steps", steps, steps + 2)
+    rows = 2 if slerp_row else 1
+    _require_grid(source, f"interpolate --steps {steps}", "use fewer --steps", rows, steps + 2, rows * steps)
+    if indices is not None:
+        if len(indices) != 2:
+            raise UsageError(f"indices must be two validation indices (i, j), got {indices!r}")
+        indices = (_count("index", indices[0], 0), _count("index", indices[1], 0))
     x, y = validation_set(source, dataset, data_root)
     if indices is None:
         i, j = pick_pair(y, seed)
     else:
-        i, j = (int(v) for v in indices)
+        i, j = indices
         for v in (i, j):
             if not 0 <= v < len(x):
                 raise UsageError(f"index {v} is out of range: the validation set has {len(x)} images")
@@ -360,17 +280,10 @@ def interpolate(
     paths = {"linear": lerp(mu[0], mu[1], steps)}
     if slerp_row:
         paths["slerp"] = slerp(mu[0], mu[1], steps)
-    rows = [np.concatenate([x[i : i + 1], source.decode(z), x[j : j + 1]]) for z in paths.values()]
+    picture = [np.concatenate([x[i : i + 1], source.decode(z), x[j : j + 1]]) for z in paths.values()]
     cols = [f"#{i}"] + [f"{t:.2g}" for t in np.linspace(0, 1, steps)] + [f"#{j}"]
     title = f"{source.name}: {int(y[i])} -> {int(y[j])} (validation #{i} -> #{j})"
-    return _save(_grid_figure(rows, list(paths), title, cols), out)
-
-
-def one_per_class(labels: np.ndarray, rng: np.random.Generator) -> tuple[list[int], list[int]]:
-    """The sorted classes present in ``labels`` and one random index of each."""
-    order = rng.permutation(len(labels))
-    classes = sorted(int(c) for c in np.unique(labels))
-    return classes, [int(order[np.flatnonzero(labels[order] == c)[0]]) for c in classes]
+    return save(grid_figure(picture, list(paths), title, cols), out)
 
 
 def vary(
@@ -383,8 +296,10 @@ def vary(
     seed: int = 0,
 ) -> Path:
     """One row per class: an example, then n decodes of z drawn from its posterior N(mu, sigma^2)."""
-    _png_path(out)
-    _positive("n", n)
+    _start(source, out, seed)
+    n = _count("n", n)
+    check_tiles("n", n, n + 1)
+    _require_grid(source, f"vary -n {n}", "use a smaller -n", CLASSES, n + 1, CLASSES * n)
     x, y = validation_set(source, dataset, data_root)
     rng = np.random.default_rng(seed)
     classes, picks = one_per_class(y, rng)
@@ -395,7 +310,16 @@ def vary(
     ]
     cols = ["input"] + [f"z~q{t + 1}" for t in range(n)]
     title = f"{source.name}: {n} draws from q(z|x) per class (seed {seed})"
-    return _save(_grid_figure(rows, [str(c) for c in classes], title, cols), out)
+    return save(grid_figure(rows, [str(c) for c in classes], title, cols), out)
+
+
+def _map_bytes(source: Source, images: int, grid: int | None) -> int:
+    """latent-map's peak: the images mapped (encoded in chunks), their embedding (t-SNE keeps ~90
+    neighbours a point), and for a 2-D latent the decoded manifold, its mosaic and the figure."""
+    need = _image_bytes(source, min(images, CHUNK)) * 8 + images * (8 * source.latent_dim + 3 * 8 * 91)
+    if grid is not None:
+        need += _decode_bytes(source, grid * grid) + mosaic_bytes(grid, grid, source.image_shape, pad=0)
+    return need + figure_bytes(*MAP_FIGURE_INCHES[grid is not None])
 
 
 def latent_map(
@@ -411,19 +335,29 @@ def latent_map(
 ) -> Path:
     """Validation latent means coloured by label (t-SNE or PCA above 2-D); for a 2-D latent also the
     decoded manifold: a grid of decodes over the prior's quantiles, as a second panel."""
-    _png_path(out)
-    _positive("grid", grid)
+    _start(source, out, seed)
+    grid = _count("grid", grid)
     if method not in MAP_METHODS:
         raise UsageError(f"method must be one of {MAP_METHODS}, got {method!r}")
+    images = min(_count("limit", limit), MAX_VALIDATION) if limit is not None else MAX_VALIDATION
+    d = source.latent_dim
+    how = "tsne" if method == "auto" else method
+    if how == "tsne" and d > 2 and images < TSNE_MIN_IMAGES:
+        raise UsageError(
+            f"t-SNE needs at least {TSNE_MIN_IMAGES} images, got --limit {images}: map more images or use --method pca"
+        )
+    two_d = d == 2
+    if two_d:
+        check_tiles("grid", grid, grid)
+    what = f"latent-map --limit {images}" + (f" --grid {grid}" if two_d else "")
+    require_memory(_map_bytes(source, images, grid if two_d else None), what, "use a smaller --limit or --grid")
     x, y = validation_set(source, dataset, data_root, limit)
     mu, _ = source.encode(x)
-    xy, how = embed_2d(mu, "tsne" if method == "auto" else method, seed)
-    two_d = source.latent_dim == 2
-    fig = _figure(9.0 if two_d else 5.6, 4.0 if two_d else 4.6)
+    xy, how = embed_2d(mu, how, seed)
+    fig = new_figure(*MAP_FIGURE_INCHES[two_d])
     ax = fig.add_subplot(1, 2, 1) if two_d else fig.add_subplot()
     points = ax.scatter(xy[:, 0], xy[:, 1], c=y, cmap="tab10", vmin=-0.5, vmax=9.5, s=5, alpha=0.8)
     fig.colorbar(points, ax=ax, ticks=range(10), label="label", shrink=0.85)
-    d = source.latent_dim
     ax.set_xlabel(f"{how} 1" if how != "z" else "z1")
     ax.set_ylabel(f"{how} 2" if how != "z" else ("z2" if d == 2 else ""))
     ax.set_title(f"{source.name}: latent means of {len(x)} validation images (d={d}, {how})", fontsize=9)
@@ -434,12 +368,12 @@ def latent_map(
         ax2 = fig.add_subplot(1, 2, 2)
         labels = [f"{v:.2f}" for v in q]
         # antialiased: the mosaic is shrunk to fit, and nearest-neighbour shrinking aliases
-        _draw_grid(ax2, rows, labels[::-1], labels, pad=0, every=max(1, grid // 6), interpolation="antialiased")
+        draw_grid(ax2, rows, labels[::-1], labels, pad=0, every=max(1, grid // 6), interpolation="antialiased")
         ax2.set_xlabel("z1 (N(0,1) quantiles 5%..95%)")
         ax2.set_ylabel("z2")
         ax2.set_title("decoded manifold", fontsize=9)
         ax.add_patch(_quantile_box(q))
-    return _save(fig, out)
+    return save(fig, out)
 
 
 def _quantile_box(q: np.ndarray) -> Any:
@@ -458,20 +392,29 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     path = p / "metrics.jsonl" if p.is_dir() else p
     if not path.is_file():
         raise UsageError(f"no metrics at {path}: pass a run folder written by `vae-deploy train --out`")
+    # a parsed JSON line takes about ten times its text: refuse a file that could not be held
+    require_memory(10 * path.stat().st_size, f"reading {path}", "is it really a metrics.jsonl?")
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             raise UsageError(f"{path}:{n} is not a JSON line") from None
-        if not isinstance(row, dict) or "epoch" not in row:
-            raise UsageError(f"{path}:{n} is not a metrics row (expected an object with 'epoch')")
+        if not isinstance(row, dict) or not _is_number(row.get("epoch")):
+            raise UsageError(f"{path}:{n} is not a metrics row (expected an object with a numeric 'epoch')")
+        bad = [k for k, v in row.items() if k.startswith(("train_", "val_")) and not _is_number(v, True)]
+        if bad:
+            raise UsageError(f"{path}:{n}: {bad[0]} is {row[bad[0]]!r}, expected a number")
         rows.append(row)
     if not rows:
         raise UsageError(f"{path} has no epochs yet: train for at least one epoch")
     return rows
+
+
+def _is_number(value: Any, none_ok: bool = False) -> bool:
+    return (value is None and none_ok) or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
 CURVE_PANELS = (("loss", "total (objective)"), ("recon", "reconstruction"), ("kl", "KL (nats/image)"))
@@ -479,11 +422,11 @@ CURVE_PANELS = (("loss", "total (objective)"), ("recon", "reconstruction"), ("kl
 
 def curves(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Train/validation curves per epoch: total objective, reconstruction, KL, and val -ELBO."""
-    _png_path(out)
+    png_path(out)
     rows = read_metrics(run_dir)
     epochs = [r["epoch"] for r in rows]
     panels = [*CURVE_PANELS, ("nelbo", "-ELBO (nats/image)")]
-    fig = _figure(3.2 * len(panels), 3.0)
+    fig = new_figure(3.2 * len(panels), 3.0)
     axes = fig.subplots(1, len(panels))
     for ax, (key, title) in zip(axes, panels):
         for split, style, colour in (("train", "-o", "C0"), ("val", "-s", "C1")):
@@ -497,8 +440,8 @@ def curves(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
         if ax.get_lines():
             ax.legend(fontsize=8)
     name = Path(run_dir).name if Path(run_dir).is_dir() else Path(run_dir).parent.name
-    fig.suptitle(f"{name}: {len(rows)} epochs", fontsize=10)
-    return _save(fig, out)
+    fig.suptitle(f"{printable(name)}: {len(rows)} epochs", fontsize=10)
+    return save(fig, out)
 
 
 __all__ = [
