@@ -242,7 +242,8 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorIn
     for name, entry in header.items():
         if not (
             isinstance(entry, dict)
-            and _SAFETENSORS_DTYPES.get(entry.get("dtype")) is not None
+            and isinstance(entry.get("dtype"), str)
+            and entry["dtype"] in _SAFETENSORS_DTYPES
             and isinstance(entry.get("shape"), list)
             and len(entry["shape"]) <= 16
             and all(type(d) is int and 0 <= d < 2**62 for d in entry["shape"])

@@ -93,6 +93,10 @@ def is_ours(path: str | os.PathLike, kind: str | None = None) -> bool:
     return any(_RECOGNISE[k](folder) for k in kinds if k in _RECOGNISE)
 
 
+def _a(kind: str) -> str:
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
+
+
 def _entries(folder: Path) -> list[str]:
     try:
         return sorted(p.name for p in folder.iterdir())
@@ -120,7 +124,7 @@ def check_output_dir(path: str | os.PathLike, kind: str, *, resume: bool = False
     found = marker_kind(folder)
     if found is not None and found != kind:
         raise OutputDirError(
-            f"refusing to write a {kind} into {folder}: it is a vae-deploy {found} folder; "
+            f"refusing to write {_a(kind)} into {folder}: it is a vae-deploy {found} folder; "
             "choose another --out"
         )
     if is_ours(folder, kind):
