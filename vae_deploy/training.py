@@ -325,6 +325,9 @@ def train(
     check_output_dir(out, "run", resume=resume)
     if not resume and not overwrite and ckpt_path.exists():
         raise UsageError(f"{ckpt_path} already exists: pass --resume to continue it or choose --out")
+    state = read_checkpoint(ckpt_path) if resume else None
+    if state is not None:
+        _check_same_run(state, ckpt_path, model_cfg, cfg)
     if splits is None:
         splits = load_splits(
             cfg.dataset,
@@ -351,9 +354,7 @@ def train(
     n_batches = math.ceil(n / cfg.batch_size)
     p = _Progress()
     save_id: str | None = None
-    if resume:
-        state = read_checkpoint(ckpt_path)
-        _check_same_run(state, ckpt_path, model_cfg, cfg)
+    if state is not None:
         p = _resume(state, ckpt_path, model, opt, eps_gen, n_batches, splits.note)
         save_id = state.get("save_id") if isinstance(state.get("save_id"), str) else None
         if p.epoch >= cfg.epochs or (cfg.max_steps is not None and p.step >= cfg.max_steps):
