@@ -11,12 +11,19 @@ import io
 import json
 import os
 import pickle
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from vae_deploy.checkpoint_index import (
+    TensorInfo,
+    loads_bounded,
+    read_pt_index,
+    read_safetensors_header,
+)
 from vae_deploy.config import (
     ModelConfig,
     TrainConfig,
@@ -30,6 +37,17 @@ from vae_deploy.model import VAE
 
 FORMAT = "vae-deploy-checkpoint"
 FORMAT_VERSION = 1
+CHECKPOINT_NAME = "checkpoint.pt"  # in a run folder
+SAFETENSORS_NAME = "model.safetensors"  # the same weights beside it, shareable without pickle
+# A .pt may hold the weights, Adam's two moments, and small extras: anything far above is refused
+# from the zip directory, before torch.load decompresses a byte of it.
+PT_BYTES_FACTOR = 8
+PT_BYTES_SLACK = 32 << 20
+
+
+def new_save_id() -> str:
+    """A random id written into both files of a checkpoint pair, to tell a torn pair apart."""
+    return uuid.uuid4().hex
 
 
 def save_checkpoint(
@@ -41,8 +59,12 @@ def save_checkpoint(
     epoch: int = 0,
     step: int = 0,
     extra: dict[str, Any] | None = None,
+    save_id: str | None = None,
 ) -> Path:
-    """Atomically write a checkpoint: weights, configs, optimizer and progress for ``--resume``."""
+    """Atomically write a checkpoint: weights, configs, optimizer and progress for ``--resume``.
+
+    ``save_id`` (see :func:`new_save_id`) pairs it with the ``model.safetensors`` written beside it.
+    """
     state = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -54,6 +76,7 @@ def save_checkpoint(
         "step": int(step),
         "torch_version": str(torch.__version__),
         "extra": extra or {},
+        "save_id": save_id,
     }
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -68,6 +91,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         return _check_state(_read_safetensors(path), path)
+    index = read_pt_index(path)  # None: not a zip (legacy torch format; its size bounds its memory)
+    if index is not None:
+        _check_format(index.state, path)
+        _check_index(_check_state(index.state, path), index.total_bytes, path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "pickle protocol 4" notes on foreign files
@@ -92,12 +119,35 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(
             f"{path} is not a readable torch checkpoint ({type(exc).__name__}: {str(exc)[:160]})"
         ) from None
+    _check_format(state, path)
+    return _check_state(state, path)
+
+
+def _check_format(state: Any, path: Path) -> None:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not a vae-deploy checkpoint (expected a dict with format={FORMAT!r}; "
             "train one with `vae-deploy train`)"
         )
-    return _check_state(state, path)
+
+
+def _check_index(state: dict[str, Any], total_bytes: int, path: Path) -> None:
+    """Names, shapes and dtypes from a .pt's index, and its unpacked size, against its model config."""
+    expected = expected_tensors(_model_config(state, path))
+    _check_weights(state["state_dict"], expected, str(path))
+    bound = PT_BYTES_FACTOR * sum(info.nbytes for info in expected.values()) + PT_BYTES_SLACK
+    if total_bytes > bound:
+        raise CheckpointError(
+            f"refusing to load {path}: it unpacks to {total_bytes:,} bytes, more than a checkpoint "
+            f"of its model config can hold (at most {bound:,})"
+        )
+
+
+def _model_config(state: dict[str, Any], source: Any) -> ModelConfig:
+    try:
+        return model_config_from_dict(state["model_config"])
+    except (KeyError, TypeError, ValueError) as exc:  # ConfigError is a ValueError
+        raise CheckpointError(f"{source} has no valid model config: {exc}") from None
 
 
 def _check_state(state: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -116,41 +166,53 @@ def _check_state(state: dict[str, Any], path: Path) -> dict[str, Any]:
                 f"{path} is not a valid vae-deploy checkpoint: its {key} is a "
                 f"{type(state.get(key)).__name__}, expected a dict"
             )
+    _model_config(state, path)
+    if state["train_config"] is not None:
+        try:
+            train_config_from_dict(state["train_config"])
+        except ValueError as exc:
+            raise CheckpointError(f"{path} has no valid train config: {exc}") from None
     return state
 
 
-def _check_weights(weights: dict[str, Any], cfg: ModelConfig, source: str) -> None:
-    """Names, shapes and finiteness of the weights against the config, checked on the meta device
-    before anything is allocated (a forged config cannot make us build a huge model)."""
+def expected_tensors(cfg: ModelConfig) -> dict[str, TensorInfo]:
+    """Name -> shape and dtype of every weight of a ``VAE(cfg)``, built on the meta device (nothing
+    is allocated, so a forged config cannot make us build a huge model)."""
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in VAE(cfg).state_dict().items()}
-    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+        sd = VAE(cfg).state_dict()
+    return {k: TensorInfo(tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in sd.items()}
+
+
+def _check_weights(weights: dict[str, Any], expected: dict[str, TensorInfo], source: str) -> None:
+    """Names, shapes and dtypes of ``weights`` (tensors, or ``TensorInfo`` from an index) against the
+    expected ones; finiteness too for real tensors."""
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected), key=str)
     if missing or unexpected:
         raise CheckpointError(
             f"{source}: weights do not fit the model config (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-    for key, shape in expected.items():
+    for key, want in expected.items():
         t = weights[key]
-        if not isinstance(t, torch.Tensor):
+        if not isinstance(t, (torch.Tensor, TensorInfo)):
             raise CheckpointError(f"{source}: weight {key} is a {type(t).__name__}, expected a tensor")
-        if tuple(t.shape) != shape:
+        if tuple(t.shape) != want.shape:
             raise CheckpointError(
                 f"{source}: weights do not fit the model config ({key} has shape {list(t.shape)}, "
-                f"the config needs {list(shape)})"
+                f"the config needs {list(want.shape)})"
             )
-        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+        dtype = t.dtype if isinstance(t, TensorInfo) else str(t.dtype).removeprefix("torch.")
+        if dtype != want.dtype:
+            raise CheckpointError(f"{source}: weight {key} is {dtype}, expected {want.dtype}")
+        if isinstance(t, torch.Tensor) and not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"{source}: weight {key} has NaN or infinite values")
 
 
 def model_from_state(state: dict[str, Any], source: str = "checkpoint") -> VAE:
-    try:
-        cfg = model_config_from_dict(state["model_config"])
-    except (KeyError, TypeError, ValueError) as exc:  # ConfigError is a ValueError
-        raise CheckpointError(f"{source} has no valid model config: {exc}") from None
+    cfg = _model_config(state, source)
     weights = state.get("state_dict")
     if not isinstance(weights, dict):
         raise CheckpointError(f"{source} has no state_dict (expected a dict of tensors)")
-    _check_weights(weights, cfg, source)
+    _check_weights(weights, expected_tensors(cfg), source)
     model = VAE(cfg)
     try:
         model.load_state_dict(weights)
@@ -161,8 +223,18 @@ def model_from_state(state: dict[str, Any], source: str = "checkpoint") -> VAE:
     return model.eval()
 
 
-def save_safetensors(path: str | os.PathLike, model: VAE, train_config: TrainConfig | None = None) -> Path:
-    """Write weights as safetensors with the configs as JSON metadata: shareable without pickle."""
+def save_safetensors(
+    path: str | os.PathLike,
+    model: VAE,
+    train_config: TrainConfig | None = None,
+    *,
+    save_id: str | None = None,
+    step: int | None = None,
+) -> Path:
+    """Write weights as safetensors with the configs as JSON metadata: shareable without pickle.
+
+    ``save_id`` and ``step`` tie it to the ``checkpoint.pt`` of the same save (see ``read_checkpoint``).
+    """
     from safetensors.torch import save
 
     meta = {
@@ -171,40 +243,74 @@ def save_safetensors(path: str | os.PathLike, model: VAE, train_config: TrainCon
         "model_config": json.dumps(to_dict(model.config)),
         "train_config": json.dumps(to_dict(train_config) if train_config is not None else None),
     }
+    if save_id is not None:
+        meta["save_id"] = save_id
+    if step is not None:
+        meta["step"] = str(int(step))
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(path, save(tensors, metadata=meta))
     return Path(path)
 
 
 def _read_safetensors(path: Path) -> dict[str, Any]:
+    """Check the header (bounded), its metadata and the tensor index against the config, and a
+    ``checkpoint.pt`` beside it, before reading any tensor data."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    try:
-        raw = path.read_bytes()
-        tensors = load(raw)
-        header_len = int.from_bytes(raw[:8], "little")
-        meta = json.loads(raw[8 : 8 + header_len]).get("__metadata__", {})
-    except (SafetensorError, ValueError, OSError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({str(exc)[:160]})") from None
+    index, meta = read_safetensors_header(path)
     if meta.get("format") != FORMAT or "model_config" not in meta:
         raise CheckpointError(f"{path} is a safetensors file without vae-deploy model metadata")
     try:
-        version = int(meta.get("format_version", 1))
-        model_config, tc = json.loads(meta["model_config"]), json.loads(meta.get("train_config") or "null")
-    except (TypeError, ValueError) as exc:
+        version = int(meta.get("format_version", "1"))
+    except ValueError as exc:
         raise CheckpointError(f"{path} has garbled vae-deploy metadata ({str(exc)[:160]})") from None
-    return {
+    garbled = f"{path} has garbled vae-deploy metadata: its"
+    model_config = loads_bounded(meta["model_config"], f"{garbled} model_config")
+    tc = loads_bounded(meta.get("train_config") or "null", f"{garbled} train_config")
+    state = {
         "format": FORMAT,
         "format_version": version,
         "model_config": model_config,
         "train_config": tc,
+        "state_dict": index,
+    }
+    _check_state(state, path)
+    _check_weights(index, expected_tensors(_model_config(state, path)), str(path))
+    _check_pair(path, meta)
+    try:
+        tensors = load(path.read_bytes())
+    except (SafetensorError, ValueError, OSError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({str(exc)[:160]})") from None
+    step = meta.get("step", "")
+    return {
+        **state,
         "state_dict": tensors,
         "optimizer": None,
         "epoch": 0,
-        "step": 0,
+        "step": int(step) if step.isascii() and step.isdigit() and len(step) < 19 else 0,
         "extra": {},
+        "save_id": meta.get("save_id"),
     }
+
+
+def _check_pair(path: Path, meta: dict[str, str]) -> None:
+    """Refuse a ``model.safetensors`` whose ``checkpoint.pt`` beside it is from another save (a run
+    killed between the two writes). Files without save ids (older runs) are not compared."""
+    sibling = path.with_name(CHECKPOINT_NAME)
+    if path.name != SAFETENSORS_NAME or not sibling.is_file() or not meta.get("save_id"):
+        return
+    try:
+        index = read_pt_index(sibling)
+    except CheckpointError:
+        return  # not a checkpoint we can read: nothing to compare with
+    other = index.state if index is not None and isinstance(index.state, dict) else {}
+    if other.get("save_id") and other["save_id"] != meta["save_id"]:
+        raise CheckpointError(
+            f"{path} and {sibling} are from different saves (step {meta.get('step', '?')} vs "
+            f"{other.get('step', '?')}; a run was killed between writing them): load {sibling}, "
+            "or --resume the run to write both again"
+        )
 
 
 def load_checkpoint(path: str | os.PathLike) -> VAE:
@@ -213,6 +319,10 @@ def load_checkpoint(path: str | os.PathLike) -> VAE:
 
 
 def checkpoint_configs(state: dict[str, Any]) -> tuple[ModelConfig, TrainConfig | None]:
-    mc = model_config_from_dict(state["model_config"])
+    """The model and train configs of a checkpoint dict; ``CheckpointError`` if either is invalid."""
+    mc = _model_config(state, "checkpoint")
     tc = state.get("train_config")
-    return mc, (train_config_from_dict(tc) if tc else None)
+    try:
+        return mc, (train_config_from_dict(tc) if tc else None)
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint has no valid train config: {exc}") from None

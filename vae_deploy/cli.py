@@ -98,9 +98,14 @@ def train(recipe: str | None, resume: bool, progress: bool | None, **opts: Any) 
 @click.option("--download", is_flag=True, help="Fetch MNIST with torchvision first (needs internet).")
 @click.option("--dataset", default="mnist", type=click.Choice(DATASETS))
 @click.option("--epochs", default=5, show_default=True)
-@click.option("--out", default="runs/demo", show_default=True, help="Run folder (replaced).")
+@click.option(
+    "--out",
+    default="runs/demo",
+    show_default=True,
+    help="Run folder (a demo's own files in it are replaced).",
+)
 @click.option("--export-dir", default="exported", show_default=True)
-@click.option("--samples", default="runs/demo/samples.png", show_default=True)
+@click.option("--samples", help="Sample grid to write (.png or .npy; default: OUT/samples.png).")
 @click.option("--bench/--no-bench", default=True, show_default=True, help="End with a short benchmark.")
 def demo(
     data_root: str | None,
@@ -109,59 +114,24 @@ def demo(
     epochs: int,
     out: str,
     export_dir: str,
-    samples: str,
+    samples: str | None,
     bench: bool,
 ) -> None:
     """The main job end to end on defaults: train -> export -> verify -> sample -> bench."""
-    import shutil
+    from vae_deploy.demo import run_demo
 
-    from vae_deploy.config import make_configs
-    from vae_deploy.export import export
-    from vae_deploy.parity import verify
-    from vae_deploy.sample import sample_to_file
-    from vae_deploy.training import train as run_training
-
-    if Path(out, "checkpoint.pt").exists():
-        shutil.rmtree(out)
-    model_cfg, train_cfg = make_configs(
-        {"arch": "mlp", "latent_dim": 20, "hidden": [400]},
-        {
-            "dataset": dataset,
-            "data_root": data_root,
-            "download": download,
-            "epochs": epochs,
-            "batch_size": 128,
-            "lr": 1e-3,
-            "out": out,
-        },
+    run_demo(
+        data_root=data_root,
+        download=download,
+        dataset=dataset,
+        epochs=epochs,
+        out=out,
+        export_dir=export_dir,
+        samples=samples,
+        bench=bench,
+        progress=sys.stderr.isatty(),
+        log=click.echo,
     )
-    click.echo("== 1/5 train: MLP 784-400-(2x20), BCE + KL")
-    result = run_training(model_cfg, train_cfg, progress=sys.stderr.isatty(), log=click.echo)
-    click.echo(f"checkpoint: {result.checkpoint}")
-    click.echo(f"== 2/5 export -> {export_dir}/")
-    exported = export(
-        result.checkpoint, export_dir, formats=("onnx", "torchscript", "pt2"), verify=False, log=click.echo
-    )
-    click.echo("== 3/5 verify against eager PyTorch")
-    report = verify(exported.out_dir, data_root=data_root, log=lambda _: None)
-    click.echo(report.table())
-    if not report.passed:
-        from vae_deploy.errors import ParityError
-
-        raise ParityError(f"verify failed: {report.summary()}")
-    click.echo("== 4/5 sample 64 images on onnxruntime (seed 0)")
-    s = sample_to_file(exported.out_dir, 64, samples, seed=0, provider="auto")
-    click.echo(f"provider {s.provider}: wrote {s.path} ({s.samples_per_second:,.0f} samples/s)")
-    if bench:
-        click.echo("== 5/5 bench (quick): decoder throughput per backend")
-        _demo_bench(exported.out_dir)
-
-
-def _demo_bench(export_dir: Path) -> None:
-    from vae_deploy.bench import format_table, run_bench
-
-    report = run_bench(export_dir, quick=True, progress=sys.stderr.isatty(), log=lambda _: None)
-    click.echo(format_table(report))
 
 
 # --- views (reconstruct, interpolate, vary, latent-map, curves) ---------------------------------

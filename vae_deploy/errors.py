@@ -51,6 +51,10 @@ class ParityError(ExportError):
     """An exported graph does not match eager PyTorch within tolerance."""
 
 
+class OutputDirError(VaeDeployError):
+    """An output folder is not ours to write into (it holds someone else's files), or cannot be made."""
+
+
 class ProviderError(VaeDeployError):
     """An execution provider (e.g. CUDA) was asked for but cannot run; ``reason`` says why."""
 

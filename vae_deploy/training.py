@@ -14,15 +14,24 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from vae_deploy.checkpoint import read_checkpoint, save_checkpoint, save_safetensors
-from vae_deploy.config import ModelConfig, TrainConfig, model_config_from_dict, to_dict
+from vae_deploy.checkpoint import (
+    CHECKPOINT_NAME,
+    SAFETENSORS_NAME,
+    checkpoint_configs,
+    model_from_state,
+    new_save_id,
+    read_checkpoint,
+    save_checkpoint,
+    save_safetensors,
+)
+from vae_deploy.config import ModelConfig, TrainConfig, to_dict
 from vae_deploy.data import Splits, load_splits
 from vae_deploy.errors import (
     CheckpointError,
@@ -31,13 +40,15 @@ from vae_deploy.errors import (
     UsageError,
     VaeDeployError,
 )
-from vae_deploy.files import atomic_write
+from vae_deploy.files import atomic_write, sweep_temp_files
 from vae_deploy.losses import elbo_loss
 from vae_deploy.model import VAE
+from vae_deploy.outdir import check_output_dir, claim_output_dir
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = CHECKPOINT_NAME
 METRICS = "metrics.jsonl"
-SAFETENSORS = "model.safetensors"  # the same weights, shareable without pickle
+SAFETENSORS = SAFETENSORS_NAME  # the same weights, shareable without pickle
+SAME_ON_RESUME = ("dataset", "binarize", "train_limit", "batch_size", "seed")  # they fix the data order
 
 
 class _DeferredInterrupt:
@@ -126,8 +137,164 @@ def evaluate_split(
     return {k: v / len(x) for k, v in sums.items()}
 
 
-def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
-    atomic_write(path, "".join(json.dumps(h) + "\n" for h in history).encode())
+def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
+    atomic_write(path, "".join(json.dumps(h) + "\n" for h in rows).encode())
+
+
+@dataclass
+class _Progress:
+    """Where a run stands: the epoch and batch to continue from, and the running sums of the epoch
+    in progress (over every batch of it so far, across resumes), so its row covers all of it."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    loss_sum: float = 0.0
+    recon_sum: float = 0.0
+    kl_sum: float = 0.0
+    images: int = 0
+    seconds: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def row(self) -> dict[str, Any]:
+        n = max(self.images, 1)
+        return {
+            "epoch": self.epoch + 1,
+            "step": self.step,
+            "train_loss": self.loss_sum / n,
+            "train_recon": self.recon_sum / n,
+            "train_kl": self.kl_sum / n,
+        }
+
+    def extra(self) -> dict[str, Any]:
+        return {
+            "batch_in_epoch": self.batch,
+            "run_sum": self.loss_sum,
+            "run_terms": [self.recon_sum, self.kl_sum],
+            "run_n": self.images,
+            "run_seconds": self.seconds,
+            "history": self.history,
+        }
+
+
+def _check_same_run(state: dict[str, Any], path: Path, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
+    """Resume continues the same run: same model, and the same data order (dataset, batch size, seed)."""
+    saved_model, saved = checkpoint_configs(state)
+    if saved_model != model_cfg:
+        raise ConfigError(f"--resume: {path} was trained with a different model config")
+    if saved is None:
+        raise CheckpointError(f"--resume: {path} records no train config, so it cannot be continued")
+    for name in SAME_ON_RESUME:
+        old, new = getattr(saved, name), getattr(cfg, name)
+        if old != new:
+            raise ConfigError(
+                f"--resume: {path} was trained with {name}={old!r}, this run asks for {name}={new!r}; "
+                f"resume with the same {name} or start a new --out"
+            )
+
+
+def _resume(
+    state: dict[str, Any],
+    path: Path,
+    model: VAE,
+    opt: torch.optim.Optimizer,
+    eps_gen: torch.Generator,
+    n_batches: int,
+    data_note: str,
+) -> _Progress:
+    """Load a checkpoint's weights, optimizer and progress, checking each value first: a forged or
+    foreign file is a ``CheckpointError``, never a crash later in training."""
+    model.load_state_dict(model_from_state(state, str(path)).state_dict())
+    extra = state.get("extra")
+    if not isinstance(extra, dict):
+        raise CheckpointError(f"--resume: {path} has no progress record (extra is not a dict)")
+    note = extra.get("data_note")
+    if isinstance(note, str) and note != data_note:
+        raise ConfigError(f"--resume: {path} was trained on other data ({note!r}; now {data_note!r})")
+    num = _Checked(path)
+    p = _Progress(
+        epoch=num.int(state.get("epoch"), "epoch"),
+        step=num.int(state.get("step"), "step"),
+        batch=num.int(extra.get("batch_in_epoch", 0), "batch_in_epoch", n_batches - 1),
+        loss_sum=num.float(extra.get("run_sum", 0.0), "run_sum"),
+        images=num.int(extra.get("run_n", 0), "run_n"),
+        seconds=num.float(extra.get("run_seconds", 0.0), "run_seconds"),
+    )
+    terms = extra.get("run_terms", [0.0, 0.0])
+    if not isinstance(terms, list) or len(terms) != 2:
+        raise CheckpointError(f"--resume: {path} has a malformed run_terms (expected two numbers)")
+    p.recon_sum, p.kl_sum = (num.float(t, "run_terms") for t in terms)
+    p.history = _epoch_rows(extra.get("history", []), p.epoch, path)
+    if state.get("optimizer") is not None:
+        _load_optimizer(opt, state["optimizer"], path)
+    gen_state = extra.get("eps_gen_state")
+    if gen_state is not None:
+        now = eps_gen.get_state()
+        if (
+            not isinstance(gen_state, torch.Tensor)
+            or gen_state.dtype != now.dtype
+            or gen_state.shape != now.shape
+        ):
+            raise CheckpointError(f"--resume: {path} has a malformed eps_gen_state")
+        eps_gen.set_state(gen_state.to(now.device))
+    return p
+
+
+class _Checked:
+    """Numbers from a checkpoint's progress record, type- and range-checked."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def int(self, value: Any, name: str, high: int = 2**62) -> int:
+        if type(value) is not int or not 0 <= value <= high:
+            raise CheckpointError(
+                f"--resume: {self.path} has {name}={value!r:.40}, expected an integer in 0..{high}"
+            )
+        return value
+
+    def float(self, value: Any, name: str) -> float:
+        if type(value) not in (int, float) or not math.isfinite(value):
+            raise CheckpointError(f"--resume: {self.path} has {name}={value!r:.40}, expected a finite number")
+        return float(value)
+
+
+def _epoch_rows(history: Any, done: int, path: Path) -> list[dict[str, Any]]:
+    """One row per finished epoch 1..done. Older checkpoints could hold a row for a partial epoch
+    (and then a second row for it): keep the last row of each finished epoch, drop the rest."""
+    if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
+        raise CheckpointError(f"--resume: {path} has a malformed history (expected a list of rows)")
+    rows = {r["epoch"]: r for r in history if type(r.get("epoch")) is int and 1 <= r["epoch"] <= done}
+    return [rows[e] for e in sorted(rows)]
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, saved: Any, path: Path) -> None:
+    """Adam's state from a checkpoint, each moment checked against its parameter's shape; the
+    hyperparameters (lr, weight decay, betas) are this run's."""
+    fresh = opt.state_dict()
+    params = [p for group in opt.param_groups for p in group["params"]]
+    bad = CheckpointError(f"--resume: {path} has an optimizer state that does not fit the model")
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict):
+        raise bad
+    groups = saved.get("param_groups")
+    if not isinstance(groups, list) or [g.get("params") if isinstance(g, dict) else None for g in groups] != [
+        g["params"] for g in fresh["param_groups"]
+    ]:
+        raise bad
+    for key, entry in saved["state"].items():
+        if type(key) is not int or not 0 <= key < len(params) or not isinstance(entry, dict):
+            raise bad
+        for value in entry.values():
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                raise bad
+            if value.dim() and value.shape != params[key].shape or not bool(torch.isfinite(value).all()):
+                raise bad
+    try:
+        opt.load_state_dict(saved)
+    except (KeyError, ValueError, TypeError, RuntimeError):
+        raise bad from None
+    for group, want in zip(opt.param_groups, fresh["param_groups"]):
+        group.update({k: v for k, v in want.items() if k != "params"})
 
 
 def train(
@@ -135,14 +302,32 @@ def train(
     cfg: TrainConfig,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
     splits: Splits | None = None,
 ) -> TrainResult:
-    """Train a VAE as configured; writes OUT/checkpoint.pt, OUT/metrics.jsonl and OUT/config.json."""
+    """Train a VAE as configured; writes OUT/checkpoint.pt, model.safetensors, metrics.jsonl, config.json.
+
+    OUT must be a run folder of ours, absent, or empty (see :mod:`vae_deploy.outdir`); everything is
+    validated before the first write. ``resume`` continues the run in OUT (same model, dataset, batch
+    size and seed); ``overwrite`` starts afresh in a run folder of ours, replacing only our files.
+
+    metrics.jsonl has one row per epoch. A run stopped inside an epoch (``max_steps``) ends with a
+    row marked ``"partial": true``; resuming replaces it by the epoch's full row, whose train terms
+    average over every batch of the epoch (the checkpoint carries the partial sums).
+    """
     out = Path(cfg.out)
     ckpt_path, metrics_path = out / CHECKPOINT, out / METRICS
     device = resolve_device(cfg.device)
+    if resume and not ckpt_path.is_file():
+        raise CheckpointError(f"--resume: no checkpoint at {ckpt_path} to continue from")
+    check_output_dir(out, "run", resume=resume)
+    if not resume and not overwrite and ckpt_path.exists():
+        raise UsageError(f"{ckpt_path} already exists: pass --resume to continue it or choose --out")
+    state = read_checkpoint(ckpt_path) if resume else None
+    if state is not None:
+        _check_same_run(state, ckpt_path, model_cfg, cfg)
     if splits is None:
         splits = load_splits(
             cfg.dataset,
@@ -164,83 +349,68 @@ def train(
     model.to(device).train()
     opt = build_optimizer(model, cfg)
     eps_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    history: list[dict[str, Any]] = []
-    start_epoch, start_batch, step = 0, 0, 0
-    run_sum, run_n = 0.0, 0
-    run_terms = [0.0, 0.0]  # running sums of the recon and KL terms in this epoch
+    n = len(splits.train_x)
+    n_batches = math.ceil(n / cfg.batch_size)
+    p = _Progress()
+    save_id: str | None = None
+    if state is not None:
+        p = _resume(state, ckpt_path, model, opt, eps_gen, n_batches, splits.note)
+        save_id = state.get("save_id") if isinstance(state.get("save_id"), str) else None
+        if p.epoch >= cfg.epochs or (cfg.max_steps is not None and p.step >= cfg.max_steps):
+            log(f"nothing to train: {ckpt_path} is at epoch {p.epoch}, step {p.step}")
+            return TrainResult(out, ckpt_path, p.history, splits.note, model.cpu().eval())
+        log(f"resuming from {ckpt_path}: epoch {p.epoch + 1}, batch {p.batch}, step {p.step}")
 
+    # Everything is validated: the first write.
+    claim_output_dir(out, "run", resume=resume)
+    sweep_temp_files(out)
+    if overwrite and not resume:
+        for name in (CHECKPOINT, SAFETENSORS, METRICS):  # only our files of the previous run
+            (out / name).unlink(missing_ok=True)
     if resume:
-        if not ckpt_path.is_file():
-            raise CheckpointError(f"--resume: no checkpoint at {ckpt_path} to continue from")
-        state = read_checkpoint(ckpt_path)
-        if model_config_from_dict(state["model_config"]) != model_cfg:
-            raise ConfigError(f"--resume: {ckpt_path} was trained with a different model config")
-        model.load_state_dict(state["state_dict"])
-        if state.get("optimizer"):
-            opt.load_state_dict(state["optimizer"])
-            for group, wd in zip(opt.param_groups, (cfg.weight_decay, cfg.decoder_weight_decay)):
-                group.update(lr=cfg.lr, weight_decay=wd)  # the resumed run's settings win
-        extra = state.get("extra", {})
-        start_epoch, step = int(state["epoch"]), int(state["step"])
-        start_batch = int(extra.get("batch_in_epoch", 0))
-        run_sum, run_n = float(extra.get("run_sum", 0.0)), int(extra.get("run_n", 0))
-        run_terms = [float(v) for v in extra.get("run_terms", [0.0, 0.0])]
-        history = list(extra.get("history", []))
-        if "eps_gen_state" in extra:
-            eps_gen.set_state(extra["eps_gen_state"].to(eps_gen.get_state().device))
-        _write_metrics(metrics_path, history)  # drop lines newer than the checkpoint
-        log(f"resuming from {ckpt_path}: epoch {start_epoch + 1}, batch {start_batch}, step {step}")
-    elif ckpt_path.exists():
-        raise UsageError(f"{ckpt_path} already exists: pass --resume to continue it or choose --out")
-
-    out.mkdir(parents=True, exist_ok=True)
+        _write_metrics(metrics_path, p.history)  # drop rows newer than the checkpoint
+        save_safetensors(out / SAFETENSORS, model, cfg, save_id=save_id, step=p.step)  # mend a torn pair
     atomic_write(
         out / "config.json",
         json.dumps({"model": to_dict(model_cfg), "train": to_dict(cfg), "data": splits.note}, indent=2).encode(),
     )
 
-    def checkpoint(epoch: int, batch_in_epoch: int) -> None:
+    def checkpoint() -> None:
+        sid = new_save_id()
         save_checkpoint(
             ckpt_path,
             model,
             cfg,
             optimizer=opt,
-            epoch=epoch,
-            step=step,
-            extra={
-                "batch_in_epoch": batch_in_epoch,
-                "eps_gen_state": eps_gen.get_state(),
-                "run_sum": run_sum,
-                "run_n": run_n,
-                "run_terms": run_terms,
-                "history": history,
-                "data_note": splits.note,
-            },
+            epoch=p.epoch,
+            step=p.step,
+            extra={**p.extra(), "eps_gen_state": eps_gen.get_state(), "data_note": splits.note},
+            save_id=sid,
         )
-        save_safetensors(out / SAFETENSORS, model, cfg)
+        save_safetensors(out / SAFETENSORS, model, cfg, save_id=sid, step=p.step)
 
     train_x = splits.train_x.to(device)
-    n = len(train_x)
+    rows = list(p.history)
     with _DeferredInterrupt() as interrupt:
-        for epoch in range(start_epoch, cfg.epochs):
-            order = torch.randperm(n, generator=_epoch_generator(cfg.seed, epoch))
-            order = order.split(cfg.batch_size)
-            t0 = time.perf_counter()
-            seen, next_batch = 0, start_batch
+        while p.epoch < cfg.epochs:
+            epoch = p.epoch
+            order = torch.randperm(n, generator=_epoch_generator(cfg.seed, epoch)).split(cfg.batch_size)
+            t0, seconds_before = time.perf_counter(), p.seconds
             bar = tqdm(
                 total=len(order),
-                initial=start_batch,
+                initial=p.batch,
                 desc=f"epoch {epoch + 1}/{cfg.epochs}",
                 disable=not progress,
                 leave=False,
                 dynamic_ncols=True,
             )
-            for b in range(start_batch, len(order)):
-                if cfg.max_steps is not None and step >= cfg.max_steps:
+            for b in range(p.batch, len(order)):
+                if cfg.max_steps is not None and p.step >= cfg.max_steps:
                     break
                 if interrupt.requested:
                     bar.close()
-                    checkpoint(epoch, next_batch)
+                    p.seconds = seconds_before + time.perf_counter() - t0
+                    checkpoint()
                     raise TrainingInterrupted(ckpt_path)
                 xb = train_x[order[b].to(device)]
                 out_ = model(xb, generator=eps_gen)
@@ -249,52 +419,55 @@ def train(
                 if not math.isfinite(loss_value):
                     bar.close()
                     raise TrainingDiverged(
-                        f"loss became {loss_value} at epoch {epoch + 1}, step {step + 1}; stopped "
+                        f"loss became {loss_value} at epoch {epoch + 1}, step {p.step + 1}; stopped "
                         f"(last good checkpoint kept at {ckpt_path}): try a lower --lr"
                     )
                 opt.zero_grad(set_to_none=True)
                 terms.loss.backward()
                 opt.step()
-                step += 1
-                next_batch = b + 1
-                seen += len(xb)
-                run_sum += loss_value * len(xb)
-                run_terms[0] += float(terms.recon.detach()) * len(xb)
-                run_terms[1] += float(terms.kl.detach()) * len(xb)
-                run_n += len(xb)
+                p.step += 1
+                p.batch = b + 1
+                p.loss_sum += loss_value * len(xb)
+                p.recon_sum += float(terms.recon.detach()) * len(xb)
+                p.kl_sum += float(terms.kl.detach()) * len(xb)
+                p.images += len(xb)
                 bar.update(1)
-                bar.set_postfix(loss=f"{run_sum / run_n:.2f}")
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                    checkpoint(epoch, next_batch)
+                bar.set_postfix(loss=f"{p.loss_sum / p.images:.2f}")
+                if cfg.checkpoint_every and p.step % cfg.checkpoint_every == 0:
+                    p.seconds = seconds_before + time.perf_counter() - t0
+                    checkpoint()
             bar.close()
-            dt = time.perf_counter() - t0
+            p.seconds = seconds_before + time.perf_counter() - t0
+            finished = p.batch >= len(order)
+            if p.images == 0:  # no batch of this epoch ran (cannot happen after the checks above)
+                break
             val = evaluate_split(model, splits.val_x, cfg, device, seed=cfg.seed)
             model.train()
             row = {
-                "epoch": epoch + 1,
-                "step": step,
-                "train_loss": run_sum / max(run_n, 1),
-                "train_recon": run_terms[0] / max(run_n, 1),
-                "train_kl": run_terms[1] / max(run_n, 1),
+                **p.row(),
                 "val_loss": val["loss"],
                 "val_recon": val["recon"],
                 "val_kl": val["kl"],
                 "val_nelbo": val["nelbo"],
-                "images_per_s": seen / dt if dt > 0 else None,
-                "seconds": dt,
+                "images_per_s": p.images / p.seconds if p.seconds > 0 else None,
+                "seconds": p.seconds,
             }
-            history.append(row)
-            run_sum, run_n, start_batch, run_terms = 0.0, 0, 0, [0.0, 0.0]
-            stopped_early = cfg.max_steps is not None and step >= cfg.max_steps
-            finished = next_batch >= len(order)
-            checkpoint(epoch + 1 if finished else epoch, 0 if finished else next_batch)
-            _write_metrics(metrics_path, history)
+            if finished:
+                p.history.append(row)
+                p = _Progress(epoch=epoch + 1, step=p.step, history=p.history)
+                rows = list(p.history)
+            else:  # stopped by max_steps: the checkpoint keeps the sums; the row is provisional
+                row.update(partial=True, batches=p.batch, of_batches=len(order))
+                rows = [*p.history, row]
+            checkpoint()
+            _write_metrics(metrics_path, rows)
+            part = "" if finished else f" (partial: {row['batches']}/{len(order)} batches)"
             log(
-                f"epoch {epoch + 1}/{cfg.epochs}  train {row['train_loss']:.2f}  val {row['val_loss']:.2f}"
-                f"  (recon {row['val_recon']:.2f}, kl {row['val_kl']:.2f}, -elbo {row['val_nelbo']:.2f}"
-                f" nats/img)  {seen / max(dt, 1e-9):,.0f} img/s"
+                f"epoch {epoch + 1}/{cfg.epochs}{part}  train {row['train_loss']:.2f}  "
+                f"val {row['val_loss']:.2f}  (recon {row['val_recon']:.2f}, kl {row['val_kl']:.2f}, "
+                f"-elbo {row['val_nelbo']:.2f} nats/img)  {row['images_per_s'] or 0:,.0f} img/s"
             )
-            if stopped_early:
+            if cfg.max_steps is not None and p.step >= cfg.max_steps:
                 log(f"stopped after --max-steps {cfg.max_steps}")
                 break
-    return TrainResult(out, ckpt_path, history, splits.note, model.cpu().eval())
+    return TrainResult(out, ckpt_path, rows, splits.note, model.cpu().eval())
