@@ -83,16 +83,23 @@ def quiet_run(run, args, what: str, log=print):
 
 def make_export(work: Path, data_root: str | None, log=print) -> Path:
     """Train the reference MLP for one epoch and export it with every format (verified)."""
-    from vae_deploy.config import make_configs
+    from vae_deploy.config import make_configs, to_dict
     from vae_deploy.data import resolve_data_root
+    from vae_deploy.demo import REFERENCE_MODEL, REFERENCE_TRAIN
     from vae_deploy.export import export
     from vae_deploy.training import train
 
     root = resolve_data_root(data_root)
     dataset = "mnist" if root is not None and (root / "MNIST" / "raw").is_dir() else "synthetic"
     model_cfg, train_cfg = make_configs(
-        {"arch": "mlp", "latent_dim": 20, "hidden": [400]},
-        {"dataset": dataset, "data_root": str(root) if root else None, "epochs": 1, "out": str(work / "run")},
+        to_dict(REFERENCE_MODEL),
+        {
+            **REFERENCE_TRAIN,
+            "dataset": dataset,
+            "data_root": str(root) if root else None,
+            "epochs": 1,
+            "out": str(work / "run"),
+        },
     )
     result = train(model_cfg, train_cfg, progress=False, log=log)
     out = work / "exported"

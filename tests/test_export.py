@@ -21,7 +21,7 @@ from vae_deploy import __version__
 from vae_deploy.checkpoint import load_checkpoint
 from vae_deploy.cli import main
 from vae_deploy.contract import EXPORT_FILES, MANIFEST, METADATA_KEYS, parse_manifest
-from vae_deploy.errors import ExportError, ParityError, UsageError
+from vae_deploy.errors import OutputDirError, ParityError, UsageError
 from vae_deploy.export import export, model_spec
 from vae_deploy.files import sha256_file
 from vae_deploy.manifest import check_manifest
@@ -285,7 +285,7 @@ def test_refuses_a_folder_that_is_not_an_export(mlp_checkpoint, tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.tex").write_text("precious")
-    with pytest.raises(ExportError, match="not a vae-deploy export folder"):
+    with pytest.raises(OutputDirError, match="not a vae-deploy export folder"):
         export(mlp_checkpoint, mine, formats=("torchscript",), **QUIET)
     assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no staging left behind

@@ -22,7 +22,7 @@ from onnx import TensorProto, helper
 
 from vae_deploy.cli import main
 from vae_deploy.contract import MANIFEST
-from vae_deploy.errors import ExportError, IntegrityError, VaeDeployError
+from vae_deploy.errors import ExportError, IntegrityError, OutputDirError, VaeDeployError
 from vae_deploy.export import export
 from vae_deploy.files import sha256_file
 from vae_deploy.manifest import check_manifest
@@ -156,7 +156,7 @@ def test_reexport_refuses_to_replace_a_users_file_with_a_reserved_name(mlp_check
     out = export(mlp_checkpoint, tmp_path / "exp", formats=("onnx",), verify=False, **QUIET).out_dir
     (out / "decoder.pt2").write_text("the user's own file")  # not in the manifest: not ours
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(ExportError, match=r"decoder.pt2 there is not a file of the earlier export"):
+    with pytest.raises(OutputDirError, match=r"decoder.pt2 there is not a file of the earlier export"):
         export(mlp_checkpoint, out, formats=("onnx", "pt2"), verify=False, **QUIET)
     assert (out / "decoder.pt2").read_text() == "the user's own file"
     export(mlp_checkpoint, out, formats=("onnx", "torchscript"), verify=False, **QUIET)  # no clash: kept

@@ -128,7 +128,7 @@ def test_folder_rule(tmp_path: Path, old_run: Path) -> None:
         claim_output_dir(tmp_path / "afile", "run")
     export = tmp_path / "export"
     export.mkdir()
-    manifest = {"format": "vae-deploy-export", "format_version": 1}
+    manifest = {"format": "vae-deploy-export", "format_version": 1, "latent_dim": 8, "image_shape": [1, 28, 28]}
     manifest["graphs"] = {"decoder": {"onnx": {"file": "decoder.onnx", "sha256": "0" * 64}}}
     (export / "manifest.json").write_text(json.dumps(manifest))
     assert is_ours(export, "export") and check_output_dir(export, "export")
@@ -433,9 +433,7 @@ def _with_header(header: dict | bytes, data: bytes, path: Path) -> Path:
     return path
 
 
-def test_deeply_nested_safetensors_metadata_is_a_checkpoint_error(
-    mlp_checkpoint: Path, tmp_path: Path
-) -> None:
+def test_deeply_nested_safetensors_metadata_is_a_checkpoint_error(mlp_checkpoint: Path, tmp_path: Path) -> None:
     """Was: RecursionError (a traceback) from json.loads of the metadata's model_config."""
     header, data = _header(mlp_checkpoint.parent / "model.safetensors")
     header["__metadata__"]["model_config"] = "[" * 100_000 + "]" * 100_000
@@ -470,9 +468,7 @@ def safetensors_parts(mlp_checkpoint: Path) -> tuple[dict, bytes]:
 
 _JSON = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(-(2**64), 2**64), st.floats(), st.text(max_size=6)),
-    lambda inner: st.one_of(
-        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=4), inner, max_size=3)
-    ),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=4), inner, max_size=3)),
     max_leaves=8,
 )
 

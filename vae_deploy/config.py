@@ -55,18 +55,14 @@ class ModelConfig:
         for name in ("hidden", "conv_channels"):
             sizes = getattr(self, name)
             if len(sizes) > MAX_LAYERS or any(not 1 <= s <= MAX_SIZE for s in sizes):
-                raise ConfigError(
-                    f"{name} must be at most {MAX_LAYERS} sizes in 1..{MAX_SIZE}, got {_show(sizes)}"
-                )
+                raise ConfigError(f"{name} must be at most {MAX_LAYERS} sizes in 1..{MAX_SIZE}, got {_show(sizes)}")
         if self.arch == "mlp" and not self.hidden:
             raise ConfigError(f"hidden must be a non-empty list of positive sizes, got {self.hidden}")
         if self.arch == "conv" and not self.conv_channels:
             raise ConfigError("conv_channels must be a non-empty list of positive channel counts")
         c, h, w = self.image_shape
         if min(self.image_shape) < 1 or c * h * w > MAX_SIZE:
-            raise ConfigError(
-                f"image_shape must be (C, H, W) of at most {MAX_SIZE} values, got {self.image_shape}"
-            )
+            raise ConfigError(f"image_shape must be (C, H, W) of at most {MAX_SIZE} values, got {self.image_shape}")
 
 
 @dataclass(frozen=True)
@@ -218,9 +214,7 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known, key=str)
     if unknown:
-        raise ConfigError(
-            f"unknown key(s) {_show(unknown, 120)} in {where}; expected some of {sorted(known)}"
-        )
+        raise ConfigError(f"unknown key(s) {_show(unknown, 120)} in {where}; expected some of {sorted(known)}")
     try:
         return cls(**values)
     except ConfigError as exc:

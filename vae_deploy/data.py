@@ -236,9 +236,3 @@ def _load_real(dataset: str, data_root: str | os.PathLike | None, download: bool
         f"deterministically into {cut:,} train / {len(x) - cut:,} validation"
     )
     return x[perm[:cut]], y[perm[:cut]], x[perm[cut:]], y[perm[cut:]], note
-
-
-def batches(n: int, batch_size: int, generator: torch.Generator | None = None) -> list[Tensor]:
-    """Index batches over n items, shuffled by ``generator`` (sequential when None)."""
-    idx = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    return list(idx.split(batch_size))

@@ -45,10 +45,11 @@ from vae_deploy.contract import (
     file_name,
     manifest_dict,
 )
-from vae_deploy.errors import ExportError, ParityError, UsageError, first_line
+from vae_deploy.errors import ExportError, OutputDirError, ParityError, UsageError, first_line
 from vae_deploy.files import atomic_write_text, pid_alive, sha256_file
 from vae_deploy.manifest import read_manifest
 from vae_deploy.model import VAE
+from vae_deploy.outdir import check_output_dir
 from vae_deploy.parity import compare
 
 FORMATS = ("onnx", "torchscript", "pt2")
@@ -56,7 +57,6 @@ DEFAULT_FORMATS = ("onnx", "torchscript")
 EXAMPLE_BATCH = 2  # torch.export specialises example sizes 0 and 1, so trace with 2
 VALUE_RANGE = (0.0, 1.0)
 MIN_OPSET = 18  # the dynamo exporter implements opset >= 18; its down-conversion to 17 breaks Split
-KEEP_FILES = ("README.md", ".gitignore", ".gitkeep")  # may sit in an output folder before any export
 
 
 # --- the contract of our models, and what torch needs from it -----------------------------------
@@ -341,35 +341,16 @@ def _write_graphs(
 
 
 def _check_target(out: Path, new_files: set[str]) -> set[str]:
-    """Only replace what we made: an absent or empty folder, an earlier export, or a fresh
-    ``exported/`` holding just its README. Anything else is the user's and is refused. Returns the
-    names the earlier export owns (its listed files and manifest): everything else in the folder is
-    the user's, is kept, and may not share a name with a file the new export writes."""
-    if not out.exists():
+    """The one output-folder rule (vae_deploy.outdir): only an absent or empty folder, an earlier
+    export, or one holding just README.md/.gitignore/.gitkeep. Returns the names the earlier export
+    owns (its listed files and manifest): everything else in the folder is the user's, is kept,
+    and may not share a name with a file the new export writes."""
+    if not check_output_dir(out, "export"):
         return set()
-    if not out.is_dir():
-        raise ExportError(f"cannot export to {out}: it exists and is not a folder")
-    names = sorted(p.name for p in out.iterdir())
-    ours: set[str] = set()
-    if MANIFEST in names:
-        try:
-            ours = {e.file for e in read_manifest(out).files} | {MANIFEST}
-        except ExportError:
-            raise ExportError(
-                f"refusing to replace {out}: its {MANIFEST} is not a vae-deploy export manifest; "
-                "choose another --out or remove the folder yourself"
-            ) from None
-    else:
-        foreign = [n for n in names if n not in KEEP_FILES]
-        if foreign:
-            shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-            raise ExportError(
-                f"refusing to export into {out}: it is not empty and has no {MANIFEST}, so it is not a "
-                f"vae-deploy export folder (it holds {shown}); choose another --out or empty it"
-            )
-    clash = sorted((set(names) - ours) & (new_files | {MANIFEST}))
+    ours = {e.file for e in read_manifest(out).files} | {MANIFEST}
+    clash = sorted((set(p.name for p in out.iterdir()) - ours) & (new_files | {MANIFEST}))
     if clash:
-        raise ExportError(
+        raise OutputDirError(
             f"refusing to export into {out}: {', '.join(clash)} there is not a file of the earlier export "
             "(it is not in its manifest), and the new export would replace it; move it away first"
         )

@@ -124,8 +124,7 @@ def check_output_dir(path: str | os.PathLike, kind: str, *, resume: bool = False
     found = marker_kind(folder)
     if found is not None and found != kind:
         raise OutputDirError(
-            f"refusing to write {_a(kind)} into {folder}: it is a vae-deploy {found} folder; "
-            "choose another --out"
+            f"refusing to write {_a(kind)} into {folder}: it is a vae-deploy {found} folder; choose another --out"
         )
     if is_ours(folder, kind):
         return True
@@ -155,7 +154,5 @@ def claim_output_dir(path: str | os.PathLike, kind: str, *, resume: bool = False
             atomic_write_text(folder / MARKER, json.dumps({"format": MARKER_FORMAT, "kind": kind}) + "\n")
     except OSError as exc:
         where = exc.filename or folder
-        raise OutputDirError(
-            f"cannot write output folder {folder}: {exc.strerror or exc} ({where})"
-        ) from None
+        raise OutputDirError(f"cannot write output folder {folder}: {exc.strerror or exc} ({where})") from None
     return folder

@@ -230,11 +230,7 @@ def _resume(
     gen_state = extra.get("eps_gen_state")
     if gen_state is not None:
         now = eps_gen.get_state()
-        if (
-            not isinstance(gen_state, torch.Tensor)
-            or gen_state.dtype != now.dtype
-            or gen_state.shape != now.shape
-        ):
+        if not isinstance(gen_state, torch.Tensor) or gen_state.dtype != now.dtype or gen_state.shape != now.shape:
             raise CheckpointError(f"--resume: {path} has a malformed eps_gen_state")
         eps_gen.set_state(gen_state.to(now.device))
     return p
@@ -248,9 +244,7 @@ class _Checked:
 
     def int(self, value: Any, name: str, high: int = 2**62) -> int:
         if type(value) is not int or not 0 <= value <= high:
-            raise CheckpointError(
-                f"--resume: {self.path} has {name}={value!r:.40}, expected an integer in 0..{high}"
-            )
+            raise CheckpointError(f"--resume: {self.path} has {name}={value!r:.40}, expected an integer in 0..{high}")
         return value
 
     def float(self, value: Any, name: str) -> float:
