@@ -4,6 +4,10 @@ Determinism: the model init, each epoch's shuffle and the reparameterization noi
 generators derived from ``seed``; the noise generator's state and the position inside the epoch are
 saved in the checkpoint, so a resumed run (even one killed mid-epoch) ends with the same weights,
 bit for bit on CPU, as an uninterrupted one.
+
+Under torchrun every rank runs the same loop; :class:`~vae_deploy.distributed.Group` supplies the
+few places where that differs (DDP, the data split, per-step sums, the stop agreement, rank 0
+writing), and is trivial for one process. See :mod:`vae_deploy.distributed`.
 """
 
 from __future__ import annotations
@@ -310,7 +314,9 @@ def _fit(
             save_safetensors(out / SAFETENSORS, model, cfg, save_id=save_id, step=p.step)  # mend a torn pair
         atomic_write(
             out / "config.json",
-            json.dumps({"model": to_dict(model_cfg), "train": to_dict(cfg), "data": splits.note}, indent=2).encode(),
+            json.dumps(
+                {"model": to_dict(model_cfg), "train": to_dict(cfg), "data": splits.note, "processes": world}, indent=2
+            ).encode(),
         )
 
     def checkpoint() -> None:
