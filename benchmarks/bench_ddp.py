@@ -1,6 +1,6 @@
 """Training on 1 vs 2 processes (torchrun + DDP, gloo on CPU): time per epoch and final -ELBO.
 
-    python benchmarks/bench_ddp.py [--data-root ../shared/data] [--epochs 5] [--repeats 1] [--out benchmarks/results]
+    python benchmarks/bench_ddp.py [--data-root ../shared/data] [--epochs 5] [--repeats 1] [--wait-quiet 300]
 
 Every variant is the real command, ``vae-deploy train`` in a fresh process, with the same model
 (the reference MLP 784-400-20), data, global batch (128), epochs, seed and learning rate:
@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vae_deploy.bench.machine import cpu_counters, machine_info, machine_slug
+from vae_deploy.bench.machine import cpu_counters, machine_info, machine_slug, other_load
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -41,6 +41,18 @@ REPO = HERE.parent
 def _children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+def wait_quiet(max_other: float, seconds: float, log=print) -> None:
+    """Wait (up to ``seconds``) until other processes use less than ``max_other`` cores."""
+    end = time.time() + seconds
+    while time.time() < end:
+        start = cpu_counters()
+        time.sleep(3)
+        busy = (other_load(start) or {}).get("other_cores", 0.0)
+        if busy < max_other:
+            return
+        log(f"other processes use {busy:.2f} cores: waiting for a quiet machine ...")
 
 
 def run_variant(name: str, nproc: int, threads: int | None, args: list[str], log=print) -> dict[str, Any]:
@@ -85,7 +97,17 @@ def run_variant(name: str, nproc: int, threads: int | None, args: list[str], log
     return result
 
 
-def run(data_root: str | None, epochs: int, repeats: int, batch_size: int, nproc: int, log=print) -> dict[str, Any]:
+def run(
+    data_root: str | None,
+    epochs: int,
+    repeats: int,
+    batch_size: int,
+    nproc: int,
+    quiet: tuple[float, float] = (0.5, 0.0),
+    log=print,
+) -> dict[str, Any]:
+    """Each variant ``repeats`` times, alternating; ``quiet = (max other cores, seconds)`` waits for
+    a quiet machine before each run."""
     machine = machine_info()
     cores = machine["cpus"]
     args = ["--dataset", "mnist", "--epochs", str(epochs), "--batch-size", str(batch_size), "--seed", "0"]
@@ -100,6 +122,7 @@ def run(data_root: str | None, epochs: int, repeats: int, batch_size: int, nproc
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in variants}
     for i in range(repeats):
         for name, n, threads in variants:
+            wait_quiet(*quiet, log=log)
             log(f"repeat {i + 1}/{repeats}: {name} ...")
             runs[name].append(run_variant(name, n, threads, args, log))
     summary = {}
@@ -132,15 +155,16 @@ def render(report: dict[str, Any]) -> str:
         f"{cfg['batch_size']}, {cfg['epochs']} epochs, seed 0, torch {m['torch']}, gloo on CPU. Load average "
         f"{m['load_avg_start']} at the start, {[round(v, 2) for v in m['load_avg_end']]} at the end.",
         "",
-        "| variant | s/epoch (median) | wall s (whole command) | final val -ELBO (nats) | other processes (cores) |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| variant | run | s/epoch (median of epochs) | wall s (whole command) | final val -ELBO (nats) "
+        "| other processes (cores) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name, s in report["summary"].items():
-        nelbo = ", ".join(f"{v:.2f}" for v in s["final_val_nelbo"])
-        lines.append(
-            f"| {name} | {s['median_epoch_seconds']:.2f} | {s['median_wall_seconds']:.1f} | {nelbo} | "
-            f"{', '.join(str(c) for c in s['other_cores'])} |"
-        )
+    for name, results in report["runs"].items():
+        for i, r in enumerate(results, 1):
+            lines.append(
+                f"| {name} | {i} | {r['median_epoch_seconds']:.2f} | {r['wall_seconds']:.1f} | "
+                f"{r['final_val_nelbo']:.2f} | {r['other_cores']} |"
+            )
     lines += [
         "",
         f"Final -ELBO, several processes vs one: {100 * report['nelbo_relative_difference']:.2f}% apart "
@@ -157,9 +181,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--wait-quiet", type=float, default=0.0, help="Wait up to S seconds for a quiet machine")
+    ap.add_argument("--max-other", type=float, default=0.5, help="Quiet: other processes use fewer cores")
     ap.add_argument("--out", default=str(HERE / "results"), help="Results folder")
+    ap.add_argument("--render", metavar="JSON", help="Only rewrite the .md of an earlier run's .json")
     args = ap.parse_args()
-    report = run(args.data_root, args.epochs, args.repeats, args.batch_size, args.nproc)
+    if args.render:
+        path = Path(args.render)
+        path.with_suffix(".md").write_text(render(json.loads(path.read_text())))
+        return
+    quiet = (args.max_other, args.wait_quiet)
+    report = run(args.data_root, args.epochs, args.repeats, args.batch_size, args.nproc, quiet)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"ddp-{machine_slug(report['machine'])}"

@@ -25,6 +25,7 @@ from vae_deploy.distributed import (
     Ranks,
     batches_per_epoch,
     rank_batches,
+    rank_device,
     rank_seed,
     ranks_from_env,
     reported_elsewhere,
@@ -99,6 +100,16 @@ def test_ranks_from_env_and_rank_seeds() -> None:
             ranks_from_env(bad)
     assert rank_seed(7, 0) == 7  # rank 0 keeps the one-process noise stream
     assert len({rank_seed(7, r) for r in range(8)}) == 8
+
+
+def test_each_rank_gets_its_own_gpu_or_a_clear_error() -> None:
+    ranks = Ranks(1, 2, 1, 2)
+    assert rank_device(torch.device("cpu"), ranks) == torch.device("cpu")
+    if torch.cuda.device_count() >= 2:
+        assert rank_device(torch.device("cuda"), ranks) == torch.device("cuda", 1)
+    else:
+        with pytest.raises(UsageError, match="2 processes per node need one GPU each"):
+            rank_device(torch.device("cuda"), ranks)
 
 
 def test_only_the_reporting_rank_prints_a_shared_error() -> None:
