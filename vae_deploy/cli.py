@@ -568,11 +568,15 @@ def serve_command(
 @click.option("--kind", default="gpu", show_default=True, type=click.Choice(("gpu", "cpu")))
 @click.option("--tensorrt", is_flag=True, help="Run through onnxruntime's TensorRT provider (GPU).")
 @click.option("--tensorrt-precision", default="fp32", show_default=True, type=click.Choice(("fp32", "fp16")))
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(("fp32", "fp16")), help="Decoder file.")
+@click.option(
+    "--precision", default="fp32", show_default=True, type=click.Choice(("fp32", "fp16")), help="Decoder file."
+)
 @click.option("--max-queue-delay-us", default=100, show_default=True, type=click.IntRange(min=0))
 @click.option("--preferred-batch-sizes", help="Comma-separated sizes dynamic batching aims for.")
 @click.option("--graphs", help="Comma-separated: decoder, encoder (default: all the export has).")
-def triton_command(export_dir: str, repo: str, preferred_batch_sizes: str | None, graphs: str | None, **opts: Any) -> None:
+def triton_command(
+    export_dir: str, repo: str, preferred_batch_sizes: str | None, graphs: str | None, **opts: Any
+) -> None:
     """Write EXPORT_DIR's graphs as models of a Triton Inference Server repository.
 
     Adds REPO/NAME_decoder (and NAME_encoder): config.pbtxt and 1/model.onnx. Other models in

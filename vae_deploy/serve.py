@@ -44,7 +44,7 @@ from starlette.exceptions import HTTPException
 
 from vae_deploy import serve_api
 from vae_deploy.contract import DECODER, ENCODER, PRECISION_FORMAT
-from vae_deploy.engines import cpu_count
+from vae_deploy.engines import CpuPlan, cpu_count
 from vae_deploy.errors import ExportError, ServeError, UsageError, first_line
 from vae_deploy.manifest import read_manifest, read_verified
 from vae_deploy.runtime import PRECISIONS, PROVIDERS, VAERuntime
@@ -167,8 +167,9 @@ class VAEService:
     def __init__(self, export_dir: str, config: ServeConfig) -> None:
         self.config, self.limits = config, config.limits
         threads = config.intra_op_threads()
-        self.runtime = VAERuntime(export_dir, config.provider, precision=config.precision,
-                                  intra_op_threads=threads or None)  # fmt: skip
+        # no spinning: a replica's idle pool threads would take CPU from the proxy and other replicas
+        plan = CpuPlan(small_batch_max=0, threads=threads, spinning=False)
+        self.runtime = VAERuntime(export_dir, config.provider, precision=config.precision, cpu_plan=plan)
         self.has_encoder = self.runtime.manifest.entry(ENCODER, "onnx") is not None
         self.metadata = serve_api.metadata(self.runtime, self.limits, config.batching_info(), self.has_encoder)
         self.metadata["threads"] = threads

@@ -98,7 +98,9 @@ class TritonOptions:
         if self.tensorrt and self.kind != "gpu":
             raise UsageError("TensorRT runs on GPUs only; drop --tensorrt or use --kind gpu")
         if self.tensorrt_precision not in TENSORRT_PRECISIONS:
-            raise UsageError(f"tensorrt_precision must be one of {TENSORRT_PRECISIONS}, got {self.tensorrt_precision!r}")
+            raise UsageError(
+                f"tensorrt_precision must be one of {TENSORRT_PRECISIONS}, got {self.tensorrt_precision!r}"
+            )
         if self.precision not in PRECISION_FORMAT:
             raise UsageError(f"precision must be one of {tuple(PRECISION_FORMAT)}, got {self.precision!r}")
         if self.graphs is not None and (not self.graphs or any(g not in GRAPHS for g in self.graphs)):
@@ -153,11 +155,13 @@ def _tensorrt(spec: GraphSpec, options: TritonOptions) -> str:
 def _warmup(spec: GraphSpec, batched: bool) -> str:
     if not all(t.static_rows for t in spec.inputs):
         return ""  # a zero request needs every size; dynamic image sizes have none to pick
-    inputs = "".join(
-        f'\n    inputs {{\n      key: "{t.name}"\n      value: {{\n        data_type: {TRITON_TYPES[t.dtype]}\n'
-        f"        dims: {_dims(t.row_shape if batched else (1, *t.row_shape))}\n        zero_data: true\n      }}\n    }}"
-        for t in spec.inputs
-    )
+    inputs = ""
+    for t in spec.inputs:
+        dims = _dims(t.row_shape if batched else (1, *t.row_shape))
+        inputs += (
+            f'\n    inputs {{\n      key: "{t.name}"\n      value: {{\n        data_type: {TRITON_TYPES[t.dtype]}\n'
+            f"        dims: {dims}\n        zero_data: true\n      }}\n    }}"
+        )
     return f'model_warmup [\n  {{\n    name: "zeros"\n    batch_size: 1{inputs}\n  }}\n]\n'
 
 
@@ -317,4 +321,3 @@ def docker_command(repo: str | os.PathLike, kind: str = "gpu", tag: str = "25.01
         f"-v {Path(repo).resolve()}:/models nvcr.io/nvidia/tritonserver:{tag} "
         "tritonserver --model-repository=/models"
     )
-
