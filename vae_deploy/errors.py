@@ -67,6 +67,10 @@ class TrainingDiverged(VaeDeployError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+class ServeError(VaeDeployError):
+    """A server could not start or deploy (port taken, too few CPUs in the cluster, replicas failing)."""
+
+
 class MissingExtraError(VaeDeployError):
     """An optional dependency (e.g. torch, matplotlib) is needed for this command."""
 
@@ -81,6 +85,10 @@ EXTRAS = {
     "safetensors": "torch",
     "matplotlib": "viz",
     "sklearn": "viz",
+    "ray": "serve",
+    "fastapi": "serve",
+    "starlette": "serve",
+    "tritonclient": "triton",
 }
 
 
