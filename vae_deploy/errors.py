@@ -63,6 +63,10 @@ class TrainingDiverged(VaeDeployError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+class ClusterError(VaeDeployError):
+    """A cluster engine we run on (Ray) could not be started or joined, or failed a job."""
+
+
 class MissingExtraError(VaeDeployError):
     """An optional dependency (e.g. torch, matplotlib) is needed for this command."""
 
@@ -77,6 +81,7 @@ EXTRAS = {
     "safetensors": "torch",
     "matplotlib": "viz",
     "sklearn": "viz",
+    "ray": "ray",
 }
 
 
