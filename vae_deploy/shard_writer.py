@@ -36,6 +36,19 @@ def npy_header(shape: tuple[int, ...]) -> bytes:
     return buf.getvalue()
 
 
+def require_disk(out_dir: Path, need: int, n: int) -> None:
+    """Refuse, before writing anything, a run whose shards would not fit on the disk of ``out_dir``."""
+    probe = out_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if need > free:
+        raise ResourceError(
+            f"{n:,} samples need {gib(need)} on the disk of {out_dir}, which has {gib(free)} free; "
+            "free space, choose another folder or sample fewer"
+        )
+
+
 def index_text(data: dict[str, Any]) -> str:
     """An index as JSON for people too: one key per line, one shard per line."""
     lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in data.items() if k != "shards"]
@@ -118,6 +131,7 @@ class ShardWriter:
         self.shards_kept = len(done)  # verified shards of an interrupted run with the same spec
         self.rows_kept = sum(spec.bounds(i)[1] - spec.bounds(i)[0] for i in done)
         self.rows_written = 0
+        self._write_index(force=True)  # claims the folder before any shard is written
 
     @classmethod
     def open(
@@ -125,22 +139,23 @@ class ShardWriter:
     ) -> ShardWriter:
         out_dir = Path(out_dir)
         old = check_out_dir(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        sweep_temp_files(out_dir)
         done: dict[int, str] = {}
-        if old is not None:
-            names = {spec.name(i) for i in range(spec.count)}
+        if old is not None and resume and old.spec == spec:  # an interrupted (or finished) run of this spec
             for i, entry in enumerate(old.shards):
                 path = out_dir / entry.file
-                same = resume and old.spec == spec and entry.sha256 is not None
-                if same and path.is_file() and not path.is_symlink() and sha256_file(path) == entry.sha256:
+                if entry.sha256 and path.is_file() and not path.is_symlink() and sha256_file(path) == entry.sha256:
                     done[i] = entry.sha256
-                elif entry.file not in names and (path.is_file() or path.is_symlink()):
+        kept_rows = sum(spec.bounds(i)[1] - spec.bounds(i)[0] for i in done)
+        require_disk(out_dir, (spec.n - kept_rows) * spec.row_bytes + 128 * (spec.count - len(done)), spec.n)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        sweep_temp_files(out_dir)
+        if old is not None:
+            names = {spec.name(i) for i in range(spec.count)}
+            for entry in old.shards:
+                path = out_dir / entry.file
+                if entry.file not in names and (path.is_file() or path.is_symlink()):
                     path.unlink()  # a shard of an earlier run with another layout: ours, listed in our index
-        writer = cls(out_dir, spec, done, dict(info or {}))
-        writer._check_disk()
-        writer._write_index(force=True)
-        return writer
+        return cls(out_dir, spec, done, dict(info or {}))
 
     def todo(self) -> list[tuple[int, int]]:
         """Row ranges [start, stop) not yet written, merged, in order."""
@@ -208,15 +223,6 @@ class ShardWriter:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None or self._open:
             self.abort()
-
-    def _check_disk(self) -> None:
-        need = sum((hi - lo) * self.spec.row_bytes + 128 for lo, hi in self.todo())
-        free = shutil.disk_usage(self.out_dir).free
-        if need > free:
-            raise ResourceError(
-                f"{self.spec.n:,} samples need {gib(need)} more on the disk of {self.out_dir}, "
-                f"which has {gib(free)} free; free space or choose another folder"
-            )
 
     def _index_dict(self, complete: bool) -> dict[str, Any]:
         shards = []
