@@ -204,7 +204,8 @@ def ray_cluster(options: RayOptions) -> Iterator[dict[str, Any]]:
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
         if options.address is None:
-            kwargs.update(num_cpus=options.num_cpus or cpu_count(), include_dashboard=False)
+            # address="local": a new Ray of our own, never one that `ray start` left running here
+            kwargs.update(address="local", num_cpus=options.num_cpus or cpu_count(), include_dashboard=False)
             if options.object_store_memory:
                 kwargs["object_store_memory"] = options.object_store_memory
         else:
