@@ -207,3 +207,33 @@ def test_ray_finishes_an_interrupted_local_run(ray_local, mlp_onnx_export: Path,
     assert result.shards_kept == 2 and result.rows_written == 4000
     write_shards(mlp_onnx_export, 6000, tmp_path / "fresh", **run)
     _same_shards(tmp_path / "fresh", tmp_path / "run")
+
+
+@pytest.mark.slow
+@slow
+def test_a_cuda_actor_that_cannot_use_cuda_fails_in_one_line(mlp_onnx_export: Path, tmp_path: Path) -> None:
+    """A cluster that claims a GPU the actor cannot use: ProviderError from inside the actor, not a
+    silent CPU run; the new folder is not left behind. (Skips where CUDA really works.)"""
+    code = f"""
+import logging, sys, ray
+from vae_deploy.errors import ProviderError
+from vae_deploy.runtime import VAERuntime
+from vae_deploy.ray_sampling import write_shards_ray
+try:
+    VAERuntime({str(mlp_onnx_export)!r}, "cuda")
+    sys.exit(3)  # CUDA really works here
+except ProviderError:
+    pass
+ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False,
+         logging_level=logging.WARNING)
+try:
+    write_shards_ray({str(mlp_onnx_export)!r}, 2000, {str(tmp_path / "out")!r}, seed=0, provider="cuda")
+except ProviderError as exc:
+    print("ONE LINE:", str(exc).count(chr(10)) == 0, str(exc)[:80])
+"""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    if done.returncode == 3:
+        pytest.skip("CUDA works here")
+    assert "ONE LINE: True CUDA execution provider unavailable" in done.stdout, done.stdout + done.stderr
+    assert not (tmp_path / "out").exists()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from vae_deploy import inputs
+from vae_deploy import errors, inputs
 from vae_deploy.contract import DECODER, SAMPLE_STREAM_VERSION, GraphSpec
 from vae_deploy.decoding import sample_batches
 from vae_deploy.engines import CpuPlan, cpu_count, open_engine
@@ -225,14 +226,15 @@ def ray_cluster(options: RayOptions) -> Iterator[dict[str, Any]]:
 
 @contextmanager
 def _quiet_data_context(ray: Any) -> Iterator[None]:
-    """No Ray Data progress bars or per-run banners while we run (restored afterwards)."""
+    """No Ray Data progress bars, banners or log records while we run (restored afterwards); its
+    full logs stay in Ray's session folder."""
     ctx = ray.data.DataContext.get_current()
     saved = {k: getattr(ctx, k) for k in ("enable_progress_bars", "print_on_execution_start", "enable_auto_log_stats")}
     for k in saved:
         setattr(ctx, k, False)
-    data_logger = logging.getLogger("ray.data")
+    data_logger = logging.getLogger("ray.data")  # its errors repeat the actors' tracebacks: we raise one line
     level = data_logger.level
-    data_logger.setLevel(logging.WARNING)
+    data_logger.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
@@ -241,18 +243,30 @@ def _quiet_data_context(ray: Any) -> Iterator[None]:
         data_logger.setLevel(level)
 
 
+_RAISED = re.compile(r"^vae_deploy\.errors\.(\w+): (.+)$", re.MULTILINE)
+
+
 def _user_error(exc: BaseException) -> VaeDeployError:
-    """The documented error an actor raised (Ray wraps it), else a one-line ClusterError."""
-    seen = set()
+    """The documented error an actor raised, out of Ray's wrapping (the object where Ray keeps it,
+    else its class and message from the remote traceback Ray passes on), or a one-line ClusterError."""
+    chain, seen = [], set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
+        chain.append(exc)
         cause = getattr(exc, "cause", None)
-        if isinstance(exc, VaeDeployError) and not hasattr(exc, "cause"):
-            return exc
-        if isinstance(cause, VaeDeployError):
-            return cause
         exc = cause if isinstance(cause, BaseException) else (exc.__cause__ or exc.__context__)
-    return ClusterError(f"Ray sampling failed: {first_line(exc) if exc else 'unknown error'}")
+    for e in chain:
+        if isinstance(e, VaeDeployError) and not hasattr(e, "cause"):  # ours, not Ray's dual-class wrapper
+            return e
+    for e in chain:
+        found = _RAISED.findall(str(e))
+        if found:
+            name, message = found[-1]
+            cls = getattr(errors, name, None)
+            if isinstance(cls, type) and issubclass(cls, VaeDeployError):
+                return cls(message.strip())
+    said = [first_line(e) for e in chain if str(e).strip()]
+    return ClusterError(f"Ray sampling failed: {said[-1] if said else type(chain[-1]).__name__}")
 
 
 def write_shards_ray(

@@ -123,8 +123,11 @@ class ShardWriter:
     finished ones, so the same run resumes. One writer per folder at a time.
     """
 
-    def __init__(self, out_dir: Path, spec: ShardSpec, done: dict[int, str], info: dict[str, Any]) -> None:
+    def __init__(
+        self, out_dir: Path, spec: ShardSpec, done: dict[int, str], info: dict[str, Any], fresh: str = ""
+    ) -> None:
         self.out_dir, self.spec, self.info = out_dir, spec, info
+        self._fresh = fresh  # "dir": we created the folder; "index": it had no index of ours before
         self._done = dict(done)
         self._open: dict[int, _OpenShard] = {}
         self._last_index = 0.0
@@ -139,6 +142,9 @@ class ShardWriter:
     ) -> ShardWriter:
         out_dir = Path(out_dir)
         old = check_out_dir(out_dir)
+        fresh = "index" if old is None else ""
+        if not out_dir.exists():
+            fresh = "dir"
         done: dict[int, str] = {}
         if old is not None and resume and old.spec == spec:  # an interrupted (or finished) run of this spec
             for i, entry in enumerate(old.shards):
@@ -155,7 +161,7 @@ class ShardWriter:
                 path = out_dir / entry.file
                 if entry.file not in names and (path.is_file() or path.is_symlink()):
                     path.unlink()  # a shard of an earlier run with another layout: ours, listed in our index
-        return cls(out_dir, spec, done, dict(info or {}))
+        return cls(out_dir, spec, done, dict(info or {}), fresh)
 
     def todo(self) -> list[tuple[int, int]]:
         """Row ranges [start, stop) not yet written, merged, in order."""
@@ -208,12 +214,18 @@ class ShardWriter:
         return parse_index(data, str(self.out_dir / INDEX))
 
     def abort(self) -> None:
-        """Drop unfinished shards (their temp files) and record the finished ones for a resume."""
+        """Drop unfinished shards (their temp files) and record the finished ones for a resume; a
+        run that finished no shard in a folder that was not ours leaves it as it found it."""
         for shard in self._open.values():
             shard.discard()
         self._open.clear()
         try:
-            self._write_index(force=True)
+            if self._done or not self._fresh:
+                self._write_index(force=True)
+                return
+            (self.out_dir / INDEX).unlink(missing_ok=True)
+            if self._fresh == "dir" and not any(self.out_dir.iterdir()):
+                self.out_dir.rmdir()
         except OSError:
             pass  # the error that stopped the run is the one to report
 
