@@ -23,6 +23,18 @@ FORMAT = "vae-deploy-export"
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
+# --- the sampling stream ------------------------------------------------------------------------
+# How ``VAERuntime.sample(n, seed)`` draws its randomness (docs/CONTRACT.md has the numpy recipe).
+# It belongs to the runtime, not to the export files: every export, old or new, samples with the
+# stream of the vae-deploy that runs it, and sample files (shard indexes) record its version.
+# Version 1 (vae-deploy 0.1): one sequential PCG64 stream per seed, so row i could not be drawn
+# without drawing rows 0..i-1. Version 2: rows come in blocks of SAMPLE_BLOCK_ROWS, block k with
+# its own key (seed, spawn_key=(k,)), so row i depends only on (seed, i) and any worker can draw
+# any row range.
+SAMPLE_STREAM_VERSION = 2
+SAMPLE_BLOCK_ROWS = 1024  # rows per keyed block; fixed forever for stream version 2
+SAMPLE_PIXEL_KEY = 1  # Bernoulli uniforms of block k: spawn_key=(k, SAMPLE_PIXEL_KEY)
+
 # --- names --------------------------------------------------------------------------------------
 
 ENCODER, DECODER = "encoder", "decoder"

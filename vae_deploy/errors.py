@@ -71,6 +71,10 @@ class ServeError(VaeDeployError):
     """A server could not start or deploy (port taken, too few CPUs in the cluster, replicas failing)."""
 
 
+class ClusterError(VaeDeployError):
+    """A cluster engine we run on (Ray) could not be started or joined, or failed a job."""
+
+
 class MissingExtraError(VaeDeployError):
     """An optional dependency (e.g. torch, matplotlib) is needed for this command."""
 
@@ -85,9 +89,9 @@ EXTRAS = {
     "safetensors": "torch",
     "matplotlib": "viz",
     "sklearn": "viz",
-    "ray": "serve",
-    "fastapi": "serve",
-    "starlette": "serve",
+    "ray": "ray",
+    "fastapi": "ray",
+    "starlette": "ray",
     "tritonclient": "triton",
 }
 

@@ -23,6 +23,12 @@ def _temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
 
 
+def temp_path(path: str | os.PathLike) -> Path:
+    """A fresh temp-file name beside ``path`` (``.NAME.PID.RANDOM.tmp``), for writers that keep a
+    file open across many writes before renaming it into place; :func:`sweep_temp_files` knows it."""
+    return _temp_name(Path(path))
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], None]) -> Path:
     """Write ``data`` (bytes, or a function that writes into a binary file) to ``path`` atomically.
 

@@ -88,3 +88,18 @@ def check_images(x: np.ndarray, value_range: tuple[float, float]) -> None:
     if lo < value_range[0] or hi > value_range[1]:
         hint = " (divide 8-bit images by 255)" if value_range == (0.0, 1.0) else ""
         raise UsageError(f"x must hold pixel values in {want}, got [{lo:g}, {hi:g}]{hint}")
+
+
+def index(v: Any, name: str) -> int:
+    """A non-negative integer (a row index), or a UsageError naming the argument."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+        raise UsageError(f"{name} must be a non-negative integer, got {v!r}")
+    return int(v)
+
+
+def row_range(start: Any, stop: Any) -> tuple[int, int]:
+    """Row indices with 0 <= start < stop, or a UsageError saying so."""
+    start, stop = index(start, "start"), index(stop, "stop")
+    if start >= stop:
+        raise UsageError(f"a row range needs start < stop, got start={start}, stop={stop}")
+    return start, stop

@@ -5,8 +5,9 @@
     mu, logvar = rt.encode(x)                   # x [n, C, H, W]
     x_hat = rt.decode(mu)
 
-Determinism: ``sample(n, seed)`` depends only on (seed, n), never on ``batch_size`` or the
-provider, and its first k images are ``sample(k, seed)`` (vae_deploy/streams.py gives the recipe).
+Determinism: image i of ``sample(n, seed)`` depends only on (seed, i), never on ``batch_size``,
+n or the provider: its first k images are ``sample(k, seed)`` and ``sample_rows(a, b, seed)`` is
+its slice [a, b) (stream version 2, vae_deploy/streams.py; docs/CONTRACT.md gives the recipe).
 On CPU the images are bitwise identical for every batch size and CPU plan; on CUDA z is identical
 and the pixels agree to float rounding (cuBLAS picks kernels per shape).
 
@@ -37,6 +38,7 @@ import onnxruntime as ort
 from vae_deploy import inputs, sessions
 from vae_deploy.config import DEVICES
 from vae_deploy.contract import DECODER, ENCODER, LOGVAR, MEAN, PRECISION_FORMAT, GraphSpec, ModelSpec
+from vae_deploy.decoding import sample_batches
 from vae_deploy.engines import CpuPlan, Engine, open_engine
 from vae_deploy.errors import ExportError, ProviderError, UsageError
 from vae_deploy.manifest import read_manifest, read_verified
@@ -290,16 +292,28 @@ class VAERuntime:
         return sample_streams(seed, latent, self.image_shape if bernoulli else None)
 
     def sample_iter(
-        self, n: int, seed: Any = None, batch_size: int | None = None, bernoulli: bool = False
+        self, n: int, seed: Any = None, batch_size: int | None = None, bernoulli: bool = False, *, start: int = 0
     ) -> Iterator[np.ndarray]:
-        """Yield the images of ``sample(n, seed, ...)`` batch by batch: memory bounded by one batch."""
+        """Yield images ``start .. start + n - 1`` of ``sample(start + n, seed, ...)`` batch by batch:
+        memory bounded by one batch, and no rows before ``start`` are drawn or decoded."""
         n, batch = self._check_sample_args(n, batch_size, rows_kept=0)
+        start = inputs.index(start, "start")
         z_stream, pixel_stream = self._streams(seed, bernoulli)
-        engine = self._engines[DECODER]
-        for start in range(0, n, batch):
-            b = min(batch, n - start)
-            x = engine.run(z_stream.take(b))[0]
-            yield (pixel_stream.take(b) < x).astype(np.float32) if pixel_stream else x
+        yield from sample_batches(self._engines[DECODER], z_stream, pixel_stream, start, start + n, batch)
+
+    def sample_rows(
+        self, start: int, stop: int, seed: Any, batch_size: int | None = None, bernoulli: bool = False
+    ) -> np.ndarray:
+        """Images [start, stop) of ``sample(stop, seed, ...)`` as one array: what one shard or one
+        worker draws, without touching the rows before ``start``. Pass an int seed."""
+        start, stop = inputs.row_range(start, stop)
+        n, _ = self._check_sample_args(stop - start, batch_size, rows_kept=None)
+        out = np.empty((n, *self.image_shape), np.float32)
+        row = 0
+        for x in self.sample_iter(n, seed, batch_size, bernoulli, start=start):
+            out[row : row + len(x)] = x
+            row += len(x)
+        return out
 
     def sample(
         self,

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from vae_deploy.images import check_out_path, grid_rows, require_png_memory, write_samples
-from vae_deploy.resources import available_memory
+from vae_deploy.resources import available_memory, require_memory
 from vae_deploy.runtime import VAERuntime
 
 
@@ -55,6 +55,9 @@ def sample_to_file(
     seed = int(np.random.SeedSequence().entropy) if seed is None else seed
     runtime = VAERuntime(export_dir, provider)
     shape = tuple(int(v) for v in runtime.image_shape)
+    if isinstance(n, int) and n > 0:  # a file holds every sample in memory: say what streams instead
+        need = n * 4 * math.prod(shape)
+        require_memory(need, f"{n} samples of shape {list(shape)}", "write them as shards with --out-dir (streamed)")
     if out.suffix.lower() == ".png" and isinstance(n, int) and 0 < n * 4 * math.prod(shape) <= available_memory():
         require_png_memory(n, shape, nrow)  # the samples fit (else the runtime says so); their picture?
     start = time.perf_counter()
