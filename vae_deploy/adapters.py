@@ -76,7 +76,7 @@ def unwrap_encoding(out: Any) -> Tensor | tuple[Tensor, Tensor]:
 
 
 def encoder_kind(out: Any, declared: str = "auto") -> str:
-    """"mean-logvar", "latents" or, for one ambiguous tensor, "auto" (the caller decides by
+    """ "mean-logvar", "latents" or, for one ambiguous tensor, "auto" (the caller decides by
     decoding it); a declared kind must fit what the encoder returns."""
     if declared not in ENCODER_OUTPUTS:
         raise ExportError(f"encoder_output must be one of {', '.join(ENCODER_OUTPUTS)}, got {declared!r}")

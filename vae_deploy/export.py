@@ -56,7 +56,7 @@ VALUE_RANGE = (0.0, 1.0)
 MIN_OPSET = 18  # the dynamo exporter implements opset >= 18; its down-conversion to 17 breaks Split
 KEEP_FILES = ("README.md", ".gitignore", ".gitkeep")  # may sit in an output folder before any export
 
-Verifier = Callable[[Path, list[FileEntry]], Any]  # (staging folder, files) -> parity.VerifyReport
+Verifier = Callable[[Path, list[FileEntry], dict[str, Any]], Any]  # (staging, files, export notes) -> VerifyReport
 KeepRule = KeepFp32 | Callable[[Any], KeepFp32]  # fixed, or from the fp32 decoder's ModelProto
 
 
@@ -115,7 +115,7 @@ def export(
     contract = model_spec(model.config, source)
     graphs = {g: traced_graph(model, contract.graph(g)) for g in GRAPHS}
 
-    def check(folder: Path, files: list[FileEntry]) -> Any:
+    def check(folder: Path, files: list[FileEntry], notes: dict[str, Any]) -> Any:
         reference = checkpoint_reference(model, state.get("train_config"), data_root)
         return compare(folder, files, reference, log=log)
 
@@ -194,7 +194,7 @@ def write_export(
         report = None
         if verify is not None:
             t0 = time.perf_counter()
-            report = verify(staging, written.files)
+            report = verify(staging, written.files, written.notes)
             seconds["verify"] = time.perf_counter() - t0
             if not report.passed:
                 raise ParityError(f"export failed verification ({report.summary()}); {out_dir} was not changed")

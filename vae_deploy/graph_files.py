@@ -152,9 +152,7 @@ def proved_ranges(ep: Any, spec: GraphSpec) -> dict[str, tuple[int, int]]:
     return out
 
 
-def export_onnx(
-    traced: Traced, spec: GraphSpec, contract: ModelSpec, path: Path, opset: int | None = None
-) -> OnnxFile:
+def export_onnx(traced: Traced, spec: GraphSpec, contract: ModelSpec, path: Path, opset: int | None = None) -> OnnxFile:
     """Export with the dynamo (torch.export-based) exporter and write the file; return what was written."""
     try:
         with quiet():
@@ -213,11 +211,28 @@ def export_onnx_fp16(
             op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(keep.op_types)),
             node_block_list=list(keep.nodes),
         )
+        _repair_fp16(half)
         ir_model = onnx_ir.from_proto(half)
         ir_model.graph.sort()  # the converter appends its input Casts after their users
         half = onnx_ir.to_proto(ir_model)
     set_metadata(half, spec, contract)
     save_onnx(half, path)
+
+
+def _repair_fp16(model: Any) -> None:
+    """Undo two slips of onnxruntime's converter (1.31) that the ONNX checker rejects: constants it
+    keeps fp32 (Resize scales) declared fp16 in value_info (an initializer's own type is the truth),
+    and one Cast inserted per use of a shared constant, each declaring the same output."""
+    initializers = {t.name for t in model.graph.initializer}
+    for v in [v for v in model.graph.value_info if v.name in initializers]:
+        model.graph.value_info.remove(v)
+    seen: dict[str, Any] = {}
+    for node in list(model.graph.node):
+        first = seen.get(node.output[0]) if node.output else None
+        if first is not None and node.op_type == "Cast" and first.op_type == "Cast" and first.input == node.input:
+            model.graph.node.remove(node)  # the same Cast again
+        elif node.output:
+            seen.setdefault(node.output[0], node)
 
 
 def export_torchscript(traced: Traced, spec: GraphSpec, path: Path) -> None:
