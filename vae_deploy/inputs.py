@@ -88,3 +88,9 @@ def check_images(x: np.ndarray, value_range: tuple[float, float]) -> None:
     if lo < value_range[0] or hi > value_range[1]:
         hint = " (divide 8-bit images by 255)" if value_range == (0.0, 1.0) else ""
         raise UsageError(f"x must hold pixel values in {want}, got [{lo:g}, {hi:g}]{hint}")
+
+
+def check_multiple(sizes: tuple[int, ...], factor: int, name: str) -> None:
+    """Sizes (e.g. an image's height and width) must be multiples of the model's downsampling factor."""
+    if any(v % factor for v in sizes):
+        raise UsageError(f"{name} must be multiples of {factor} (the model's downsampling factor), got {list(sizes)}")

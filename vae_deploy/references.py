@@ -213,6 +213,20 @@ def for_export(
     return reference
 
 
+def eager_graphs(
+    export_dir: str | os.PathLike, manifest: Manifest, override: str | os.PathLike | None = None
+) -> dict[str, nn.Module]:
+    """A diffusers or factory export's eager graphs by name ("encoder" when exported, "decoder"),
+    as the export traced them (for bench's eager backends)."""
+    rebuilt = rebuild(export_dir, manifest, override)
+    info = manifest.raw.get("export") if isinstance(manifest.raw.get("export"), dict) else {}
+    kind = info.get("encoder_output") or ("mean-logvar" if manifest.model.has_logvar else "latents")
+    graphs = {DECODER: DecoderGraph(rebuilt.decoder).eval()}
+    if rebuilt.encoder is not None and manifest.formats(ENCODER):
+        graphs[ENCODER] = EncoderGraph(rebuilt.encoder, kind).eval()
+    return graphs
+
+
 def rebuild(export_dir: str | os.PathLike, manifest: Manifest, override: str | os.PathLike | None = None) -> Any:
     """The eager VAE (adapters.Rebuilt) of a diffusers or factory source, hash-checked first."""
     source = manifest.model.source
