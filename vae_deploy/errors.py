@@ -75,6 +75,7 @@ EXTRAS = {
     "onnxscript": "torch",
     "onnx_ir": "torch",
     "safetensors": "torch",
+    "diffusers": "diffusers",
     "matplotlib": "viz",
     "sklearn": "viz",
 }

@@ -404,6 +404,9 @@ def export_factory(
     return export_modules(encoder, decoder, out, example_image=tuple(image_shape), source=source, **options)
 
 
+FACTORY_ONLY = ("value_range", "scaling_factor", "shift_factor", "encoder_output", "dynamic_size")
+
+
 def export_source(
     source: str | os.PathLike | None,
     out: str | os.PathLike,
@@ -414,29 +417,37 @@ def export_source(
     **options: Any,
 ) -> ExportResult:
     """What ``vae-deploy export`` runs: a factory (``factory`` + ``weights``), a diffusers folder,
-    or one of our checkpoints (options that only other VAEs take are refused for it)."""
+    or one of our checkpoints. Options that do not apply to the source are refused (None: unset)."""
     from vae_deploy import diffusers_vae
 
     options = {k: v for k, v in options.items() if v is not None}
+
+    def refuse(names: Sequence[str], what: str) -> None:
+        given = [n for n in names if n in options]
+        if given:
+            flags = ", ".join("--" + n.replace("_", "-") for n in given)
+            raise UsageError(f"{flags}: not for {what}")
+
     if factory is not None:
         if source is not None:
             raise UsageError("give either SOURCE or --factory, not both (the factory's weights go in --weights)")
-        if image_shape is None:
+        if image_shape is None or len(image_shape) != 3:
             raise UsageError("--factory needs --image-shape C,H,W (the image size to trace at)")
+        refuse(("data_root",), "a factory (it verifies on seeded images)")
         return export_factory(factory, weights, out, image_shape=image_shape, **options)
     if source is None:
         raise UsageError("give SOURCE (a checkpoint or a diffusers folder) or --factory pkg.module:build")
     if weights is not None:
-        raise UsageError("--weights goes with --factory (a diffusers folder holds its own weights)")
+        raise UsageError("--weights goes with --factory (a checkpoint or diffusers folder holds its own weights)")
     if diffusers_vae.is_model_folder(source):
+        refuse((*FACTORY_ONLY, "data_root"), "a diffusers folder (its config says them)")
         if image_shape is not None:
             options["image_size"] = tuple(image_shape)[-2:]
         return export_diffusers(source, out, **options)
     if Path(source).is_dir():
         raise UsageError(f"{source} is a folder without config.json or model_index.json: not a diffusers model")
-    ours = {"formats", "opset", "fp16", "verify", "data_root", "log"}
-    extra = sorted(k for k in options if k not in ours) + (["image_shape"] if image_shape is not None else [])
-    if extra:
-        raise UsageError(f"{', '.join(extra)} apply to diffusers folders and factories, not to a checkpoint")
+    refuse((*FACTORY_ONLY, "fp16_keep_fp32", "verify_sizes"), "one of our checkpoints")
+    if image_shape is not None:
+        raise UsageError("--image-shape does not apply to one of our checkpoints")
     options.setdefault("formats", CHECKPOINT_FORMATS)
     return export(source, out, **options)

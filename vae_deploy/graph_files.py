@@ -220,9 +220,14 @@ def export_onnx_fp16(
 
 
 def _repair_fp16(model: Any) -> None:
-    """Undo two slips of onnxruntime's converter (1.31) that the ONNX checker rejects: constants it
-    keeps fp32 (Resize scales) declared fp16 in value_info (an initializer's own type is the truth),
-    and one Cast inserted per use of a shared constant, each declaring the same output."""
+    """Fix what onnxruntime's converter (1.31) gets wrong. Two slips the ONNX checker rejects:
+    constants it keeps fp32 (Resize scales) declared fp16 in value_info (an initializer's own type
+    is the truth), and one Cast inserted per use of a shared constant, each declaring the same
+    output. And one that defeats keeping ops in fp32: between two fp32 nodes it still stores the
+    tensor in fp16 (Cast to fp16, Cast back), where it overflows all the same; those round trips
+    are removed, so the tensor stays fp32."""
+    import onnx
+
     initializers = {t.name for t in model.graph.initializer}
     for v in [v for v in model.graph.value_info if v.name in initializers]:
         model.graph.value_info.remove(v)
@@ -233,6 +238,29 @@ def _repair_fp16(model: Any) -> None:
             model.graph.node.remove(node)  # the same Cast again
         elif node.output:
             seen.setdefault(node.output[0], node)
+
+    def cast_to(node: Any) -> int | None:
+        return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+
+    graph_outputs = {o.name for o in model.graph.output}
+    to_half = {n.output[0]: n for n in model.graph.node if cast_to(n) == onnx.TensorProto.FLOAT16}
+    rename: dict[str, str] = {}
+    for node in list(model.graph.node):
+        if cast_to(node) == onnx.TensorProto.FLOAT and node.input[0] in to_half and node.output[0] not in graph_outputs:
+            rename[node.output[0]] = to_half[node.input[0]].input[0]  # fp32 -> fp16 -> fp32: use the fp32 tensor
+            model.graph.node.remove(node)
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            while name in rename:
+                name = rename[name]
+            node.input[i] = name
+    used = {i for n in model.graph.node for i in n.input} | graph_outputs
+    for name, node in to_half.items():
+        if name not in used:
+            model.graph.node.remove(node)
+    dropped = set(rename) | {name for name in to_half if name not in used}
+    for v in [v for v in model.graph.value_info if v.name in dropped]:
+        model.graph.value_info.remove(v)
 
 
 def export_torchscript(traced: Traced, spec: GraphSpec, path: Path) -> None:
