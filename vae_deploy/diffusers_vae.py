@@ -68,9 +68,17 @@ class VaeFolder:
 
 
 def is_model_folder(path: str | os.PathLike) -> bool:
-    """Whether ``path`` looks like a diffusers model or pipeline folder (not one of our checkpoints)."""
+    """Whether ``path`` is a diffusers model folder (a config.json naming its ``_class_name``) or a
+    pipeline folder (model_index.json); a training run's folder (our config.json) is not."""
     p = Path(path)
-    return p.is_dir() and ((p / "config.json").is_file() or (p / "model_index.json").is_file())
+    if not p.is_dir():
+        return False
+    if (p / "model_index.json").is_file():
+        return True
+    try:
+        return "_class_name" in _read_config(p / "config.json")
+    except (ExportError, OSError):
+        return False
 
 
 def find_vae(path: str | os.PathLike) -> VaeFolder:

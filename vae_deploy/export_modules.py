@@ -445,7 +445,10 @@ def export_source(
             options["image_size"] = tuple(image_shape)[-2:]
         return export_diffusers(source, out, **options)
     if Path(source).is_dir():
-        raise UsageError(f"{source} is a folder without config.json or model_index.json: not a diffusers model")
+        raise UsageError(
+            f"{source} is a directory, neither a diffusers model folder (config.json or model_index.json) "
+            "nor a checkpoint file"
+        )
     refuse((*FACTORY_ONLY, "fp16_keep_fp32", "verify_sizes"), "one of our checkpoints")
     if image_shape is not None:
         raise UsageError("--image-shape does not apply to one of our checkpoints")
