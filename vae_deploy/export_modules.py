@@ -22,6 +22,7 @@ output's scale (its value range width, or its peak if larger).
 from __future__ import annotations
 
 import copy
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -179,7 +180,7 @@ def traced_graphs(enc: EncoderGraph | None, dec: DecoderGraph, x: Tensor | None,
 
 
 def calibrate(
-    enc: EncoderGraph | None, dec: DecoderGraph, model: ModelSpec, sizes: list[tuple[int, int] | None], fp16: bool
+    enc: EncoderGraph | None, dec: DecoderGraph, model: ModelSpec, sizes: list[tuple[int, int] | None]
 ) -> tuple[dict[tuple[str, str], Tolerance], dict[str, Any]]:
     """Per-graph tolerances from this model's own fp32 noise (see the module doc), and their basis."""
     errors = {DECODER: 0.0, ENCODER: 0.0}
@@ -290,7 +291,7 @@ def export_modules(
     lo, hi = (float(v) for v in value_range)
     if not lo < hi:
         raise UsageError(f"value_range must be (low, high) with low < high, got {tuple(value_range)}")
-    if not scaling_factor or not all(map(torch.isfinite, torch.tensor([scaling_factor, shift_factor]))):
+    if not scaling_factor or not all(math.isfinite(float(v)) for v in (scaling_factor, shift_factor)):
         raise UsageError("scaling_factor must be a finite non-zero number and shift_factor a finite one")
     for module in (encoder, decoder):
         if module is not None:
@@ -315,7 +316,7 @@ def export_modules(
     sizes = [tuple(int(v) for v in s) for s in (verify_sizes or default_sizes(f))] if f else []
     for s in sizes:
         model.shapes_at(image_size=s)  # UsageError for a size that is no multiple of the factor
-    calibrated, basis = calibrate(enc, dec, model, sizes or [None], fp16)
+    calibrated, basis = calibrate(enc, dec, model, sizes or [None])
     where = f"latents {list(model.latent_shape)}, images {list(model.image_shape)} in [{lo:g}, {hi:g}]"
     log(f"traced at {list(x.shape if x is not None else z.shape)}: {where}" + (f", downsampling x{f}" if f else ""))
 
@@ -399,9 +400,13 @@ def export_factory(
 
     encoder, decoder = factory.build(factory_spec, weights)
     source = factory.source_record(factory_spec, weights, out)
-    if encoder is None:
-        options.setdefault("example_latent", options.pop("example_latent", None))
-    return export_modules(encoder, decoder, out, example_image=tuple(image_shape), source=source, **options)
+    if encoder is None and options.get("example_latent") is None:
+        raise UsageError(
+            f"{factory_spec} returned no encoder: a decoder-only factory needs example_latent, a latent shape "
+            "(Python: export_factory(..., example_latent=(c, h, w)))"
+        )
+    example = tuple(image_shape) if encoder is not None else None
+    return export_modules(encoder, decoder, out, example_image=example, source=source, **options)
 
 
 FACTORY_ONLY = ("value_range", "scaling_factor", "shift_factor", "encoder_output", "dynamic_size")

@@ -39,6 +39,7 @@ class Case:
     batch: int
     size: tuple[int, int] | None = None  # image (H, W) where the export's sizes are dynamic
     images: torch.Tensor | None = None
+    graph: str | None = None  # only this graph's files are compared on it (None: every graph)
 
     @property
     def label(self) -> str:
@@ -65,7 +66,7 @@ class Reference:
             for i, case in enumerate(self.cases):
                 g = torch.Generator().manual_seed(SEED * 1000 + i)
                 b = case.batch
-                if self.encoder is not None and case.images is not None:
+                if self.encoder is not None and case.images is not None and case.graph in (None, ENCODER):
                     encoded = outputs(self.encoder, case.images)
                     names = (MEAN, LOGVAR)[: len(encoded)]
                     out[(ENCODER, i)] = ({IMAGE: case.images.numpy()}, {n: t.numpy() for n, t in zip(names, encoded)})
@@ -155,17 +156,18 @@ def module_reference(
             image_sizes.append((int(s[0]), int(s[1])))
     else:
         image_sizes = [None]
-    runs = [(b, s) for s in image_sizes for b in batches]
-    limits = [r["batch"][1] for r in (proved_ranges or {}).values() if "batch" in r]
-    if limits and max(b for b, _ in runs) <= min(limits):
-        runs.append((min(limits) + 1, image_sizes[0]))  # just beyond what torch proved
+    runs: list[tuple[int, tuple[int, int] | None, str | None]] = [(b, s, None) for s in image_sizes for b in batches]
+    for graph in (ENCODER, DECODER):  # one case just beyond the batch torch proved a graph for
+        limits = [r["batch"][1] for f, r in (proved_ranges or {}).items() if f.startswith(graph) and "batch" in r]
+        if limits and max(batches) <= min(limits):
+            runs.append((min(limits) + 1, image_sizes[0], graph))
     cases = []
-    for i, (b, size) in enumerate(runs):
+    for i, (b, size, graph) in enumerate(runs):
         images = None
-        if encoder is not None:
+        if encoder is not None and graph in (None, ENCODER):
             shape = model.shapes_at(image_size=size)[1] if size else model.image_shape
             images = smooth_images(b, shape, model.value_range, SEED + i)
-        cases.append(Case(b, size, images))
+        cases.append(Case(b, size, images, graph))
     desc = (
         f"seeded smooth random images in {list(model.value_range)} (seed {SEED})"
         if encoder is not None
