@@ -186,8 +186,10 @@ def calibrate(
     errors = {DECODER: 0.0, ENCODER: 0.0}
     scale = model.value_range[1] - model.value_range[0]
     try:
-        enc64 = copy.deepcopy(enc).double() if enc is not None else None
-        dec64 = copy.deepcopy(dec).double()
+        enc64, dec64 = copy.deepcopy((enc, dec))  # one copy of weights the two graphs share (a VAE's)
+        dec64.double()
+        if enc64 is not None:
+            enc64.double()
         with torch.no_grad():
             for i, size in enumerate(sizes):
                 latent, image = model.shapes_at(image_size=size) if size else (model.latent_shape, model.image_shape)
