@@ -22,6 +22,7 @@ _LAZY = {
     "save_checkpoint": "vae_deploy.checkpoint",
     "train": "vae_deploy.training",
     "export": "vae_deploy.export",
+    "export_modules": "vae_deploy.export_modules",
     "verify": "vae_deploy.parity",
 }
 

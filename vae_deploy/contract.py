@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from vae_deploy.errors import ExportError
+from vae_deploy.errors import ExportError, UsageError
 
 FORMAT = "vae-deploy-export"
 FORMAT_VERSION = 2
@@ -45,6 +45,8 @@ LOGVAR = "logvar"  # encoder output: posterior log-variance (optional)
 LATENT = "z"  # decoder input: latents [batch, *latent_shape]
 RECON = "x_hat"  # decoder output: images [batch, C, H, W] in value_range
 BATCH = "batch"  # the symbolic dimension every tensor starts with
+HEIGHT, WIDTH = "height", "width"  # symbolic image sizes of spatial-latent VAEs
+LATENT_HEIGHT, LATENT_WIDTH = "latent_height", "latent_width"  # = height / downsampling_factor, ...
 
 # (graph, format) -> file name. A format names the file kind and its precision.
 FILES: dict[tuple[str, str], str] = {
@@ -79,6 +81,7 @@ META_IMAGE_SHAPE = "vae_deploy.image_shape"
 META_VALUE_RANGE = "vae_deploy.value_range"
 META_SCALING_FACTOR = "vae_deploy.scaling_factor"
 META_SHIFT_FACTOR = "vae_deploy.shift_factor"
+META_DOWNSAMPLING_FACTOR = "vae_deploy.downsampling_factor"  # spatial latents only ("8")
 META_PRECISION = "vae_deploy.precision"
 META_PRODUCER_VERSION = "vae_deploy.producer_version"
 META_FORMAT_VERSION = "vae_deploy.format_version"
@@ -90,6 +93,7 @@ METADATA_KEYS = (
     META_VALUE_RANGE,
     META_SCALING_FACTOR,
     META_SHIFT_FACTOR,
+    META_DOWNSAMPLING_FACTOR,
     META_PRECISION,
     META_PRODUCER_VERSION,
     META_FORMAT_VERSION,
@@ -232,11 +236,57 @@ class ModelSpec:
     scaling_factor: float = 1.0
     shift_factor: float = 0.0
     source: dict[str, Any] = field(default_factory=dict, compare=False)
+    downsampling_factor: int | None = None
 
     @property
     def latent_dim(self) -> int | None:
         """d for vector latents ``[N, d]``; None for spatial ones."""
         return self.latent_shape[0] if len(self.latent_shape) == 1 and isinstance(self.latent_shape[0], int) else None
+
+    @property
+    def dynamic_size(self) -> bool:
+        """Whether image (and latent) height and width are symbolic: any multiple of the factor."""
+        return any(isinstance(d, str) for d in (*self.image_shape, *self.latent_shape))
+
+    def shapes_at(
+        self, image_size: tuple[int, int] | None = None, latent_size: tuple[int, int] | None = None
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(latent_shape, image_shape) with every size fixed: as declared for a fixed-size model, else
+        at ``image_size`` (H, W: multiples of ``downsampling_factor``) or ``latent_size`` (h, w).
+        UsageError saying what is expected otherwise."""
+        if not self.dynamic_size:
+            fixed = (tuple(self.latent_shape), tuple(self.image_shape))
+            for name, value, own in (("image_size", image_size, fixed[1]), ("latent_size", latent_size, fixed[0])):
+                if value is not None and (len(own) < 3 or tuple(value) != tuple(own[-2:])):
+                    raise UsageError(
+                        f"this model has fixed sizes (latent {list(fixed[0])}, image {list(fixed[1])}); "
+                        f"{name}={value!r} does not fit them"
+                    )
+            return fixed  # type: ignore[return-value]
+        f = self.downsampling_factor
+        if (image_size is None) == (latent_size is None):
+            raise UsageError(
+                f"this model takes any image size (multiples of {f or '?'}): give exactly one of "
+                "image_size=(height, width) or latent_size=(latent_height, latent_width)"
+            )
+        if f is None:
+            raise UsageError("this export records no downsampling_factor, so sizes cannot be derived")
+        named = "image_size" if image_size is not None else "latent_size"
+        size = image_size if image_size is not None else latent_size
+        ok = isinstance(size, (tuple, list)) and len(size) == 2
+        if not ok or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in size):
+            raise UsageError(f"{named} must be two positive integers (height, width), got {size!r}")
+        if image_size is not None and (size[0] % f or size[1] % f):
+            raise UsageError(f"image_size must be multiples of the downsampling factor {f}, got {list(size)}")
+        h, w = (size[0] // f, size[1] // f) if image_size is not None else tuple(size)
+        values = {HEIGHT: h * f, WIDTH: w * f, LATENT_HEIGHT: h, LATENT_WIDTH: w}
+        try:
+            return (
+                tuple(values[d] if isinstance(d, str) else d for d in self.latent_shape),
+                tuple(values[d] if isinstance(d, str) else d for d in self.image_shape),
+            )
+        except KeyError as exc:
+            raise UsageError(f"unknown symbolic size {exc.args[0]!r} in this export's shapes") from None
 
     def encoder(self, precision: str = "fp32", tolerance: Tolerance | None = None) -> GraphSpec:
         latent = (BATCH, *self.latent_shape)
@@ -278,10 +328,12 @@ class ModelSpec:
         }
         if self.latent_dim is not None:
             props[META_LATENT_DIM] = str(self.latent_dim)
+        if self.downsampling_factor is not None:
+            props[META_DOWNSAMPLING_FACTOR] = str(self.downsampling_factor)
         return props
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "latent_shape": list(self.latent_shape),
             "image_shape": list(self.image_shape),
             "value_range": list(self.value_range),
@@ -290,6 +342,9 @@ class ModelSpec:
             "shift_factor": self.shift_factor,
             "source": dict(self.source),
         }
+        if self.downsampling_factor is not None:
+            out["downsampling_factor"] = self.downsampling_factor
+        return out
 
 
 # --- the manifest -------------------------------------------------------------------------------
@@ -390,6 +445,9 @@ def _model_v2(data: dict[str, Any], where: str) -> ModelSpec:
     if not isinstance(has_logvar, bool):
         raise ExportError(f"{where}: has_logvar must be true or false")
     source = data.get("source", {})
+    factor = data.get("downsampling_factor")
+    if factor is not None and (isinstance(factor, bool) or not isinstance(factor, int) or factor < 1):
+        raise ExportError(f"{where}: downsampling_factor must be a positive integer, got {_short(factor)}")
     return ModelSpec(
         tuple(latent),
         tuple(image),
@@ -398,6 +456,7 @@ def _model_v2(data: dict[str, Any], where: str) -> ModelSpec:
         float(factors[0]),
         float(factors[1]),
         source if isinstance(source, dict) else {},
+        factor,
     )
 
 

@@ -260,8 +260,9 @@ class CudaEngine:
 
     def run_device_into(self, x: np.ndarray, out: Any, row: int) -> None:
         """Write the first output into rows [row, row + len(x)) of a CUDA float32 OrtValue."""
-        shape = [x.shape[0], *self.row_shapes[0]]
-        row_bytes = 4 * math.prod(self.row_shapes[0])
+        row_shape = list(out.shape()[1:])  # the output's own rows: fixed, or this call's height and width
+        shape = [x.shape[0], *row_shape]
+        row_bytes = 4 * math.prod(row_shape)
         with self._lock:
             binding = self.session.io_binding()
             binding.bind_cpu_input(self.input, x)

@@ -87,6 +87,7 @@ EXTRAS = {
     "onnxscript": "torch",
     "onnx_ir": "torch",
     "safetensors": "torch",
+    "diffusers": "diffusers",
     "matplotlib": "viz",
     "sklearn": "viz",
     "ray": "ray",

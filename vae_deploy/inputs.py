@@ -103,3 +103,9 @@ def row_range(start: Any, stop: Any) -> tuple[int, int]:
     if start >= stop:
         raise UsageError(f"a row range needs start < stop, got start={start}, stop={stop}")
     return start, stop
+
+
+def check_multiple(sizes: tuple[int, ...], factor: int, name: str) -> None:
+    """Sizes (e.g. an image's height and width) must be multiples of the model's downsampling factor."""
+    if any(v % factor for v in sizes):
+        raise UsageError(f"{name} must be multiples of {factor} (the model's downsampling factor), got {list(sizes)}")

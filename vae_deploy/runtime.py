@@ -5,6 +5,10 @@
     mu, logvar = rt.encode(x)                   # x [n, C, H, W]
     x_hat = rt.decode(mu)
 
+Exports that take any image size (diffusers-style VAEs: spatial latents [c, h, w], height and width
+multiples of ``model.downsampling_factor``) encode and decode any size, and sample at the size
+asked for: ``rt.sample(4, seed=0, latent_size=(64, 64))`` (or ``image_size=(512, 512)``).
+
 Determinism: image i of ``sample(n, seed)`` depends only on (seed, i), never on ``batch_size``,
 n or the provider: its first k images are ``sample(k, seed)`` and ``sample_rows(a, b, seed)`` is
 its slice [a, b) (stream version 2, vae_deploy/streams.py; docs/CONTRACT.md gives the recipe).
@@ -48,6 +52,7 @@ from vae_deploy.streams import sample_streams
 PROVIDERS = DEVICES
 PRECISIONS = tuple(PRECISION_FORMAT)
 CUDA_SAMPLE_BATCH = 1024
+SPATIAL_BATCH_BYTES = 4 << 20  # default sample batch of any-size exports: ~4 MB of images per run
 
 GraphLoader = Callable[[], tuple[bytes, str]]  # -> (verified model bytes, name for errors)
 
@@ -265,6 +270,8 @@ class VAERuntime:
     def _images(self, x: Any) -> tuple[np.ndarray, bool]:
         x, single = inputs.batch_of(x, "x", self.image_shape)
         inputs.check_images(x, self.value_range)
+        if self.model.dynamic_size and self.model.downsampling_factor:
+            inputs.check_multiple(x.shape[2:], self.model.downsampling_factor, "x's height and width")
         return x, single
 
     # sampling -----------------------------------------------------------------------------------
@@ -274,43 +281,77 @@ class VAERuntime:
             raise UsageError(f"this export's {what} {list(shape)} has symbolic sizes; sampling needs fixed ones")
         return shape
 
-    def _check_sample_args(self, n: Any, batch_size: Any, rows_kept: int | None) -> tuple[int, int]:
+    def _sample_shapes(self, latent_size: Any, image_size: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(latent, image) shapes of one sample: the export's fixed ones, or at the size asked for."""
+        if self.model.dynamic_size and latent_size is None and image_size is None:
+            f = self.model.downsampling_factor
+            raise UsageError(
+                f"this export takes any size: pass latent_size=(latent_height, latent_width) or image_size=(height, "
+                f"width) (images are {f or '?'}x the latent size)"
+            )
+        return self.model.shapes_at(image_size=image_size, latent_size=latent_size)
+
+    def _check_sample_args(
+        self, n: Any, batch_size: Any, rows_kept: int | None, image_shape: tuple[int, ...] | None = None
+    ) -> tuple[int, int]:
         n = inputs.count(n, "n")
+        image_shape = image_shape or self._static("image shape", self.image_shape)
         default = CUDA_SAMPLE_BATCH if self.provider == "cuda" else self.cpu_plan.sample_batch
+        row_bytes = 4 * math.prod(image_shape)
+        if self.model.dynamic_size:  # large images: default to about SPATIAL_BATCH_BYTES of them per run
+            default = max(1, min(default, SPATIAL_BATCH_BYTES // row_bytes))
         batch = min(n, default if batch_size is None else inputs.count(batch_size, "batch_size"))
-        row_bytes = 4 * math.prod(self._static("image shape", self.image_shape))
         need = row_bytes * (n if rows_kept is None else min(n, max(batch, rows_kept)))
         require_memory(
             need,
-            f"{n} samples of shape {list(self.image_shape)}",
+            f"{n} samples of shape {list(image_shape)}",
             "use sample_iter() to stream them in batches" if rows_kept is None else "use a smaller batch_size",
         )
         return n, batch
 
-    def _streams(self, seed: Any, bernoulli: bool) -> tuple[Any, Any]:
-        latent = self._static("latent shape", self.latent_shape)
-        return sample_streams(seed, latent, self.image_shape if bernoulli else None)
+    def _streams(self, seed: Any, bernoulli: bool, shapes: tuple[tuple[int, ...], tuple[int, ...]]) -> tuple[Any, Any]:
+        latent, image = shapes
+        return sample_streams(seed, latent, image if bernoulli else None)
 
     def sample_iter(
-        self, n: int, seed: Any = None, batch_size: int | None = None, bernoulli: bool = False, *, start: int = 0
+        self,
+        n: int,
+        seed: Any = None,
+        batch_size: int | None = None,
+        bernoulli: bool = False,
+        *,
+        start: int = 0,
+        latent_size: tuple[int, int] | None = None,
+        image_size: tuple[int, int] | None = None,
     ) -> Iterator[np.ndarray]:
         """Yield images ``start .. start + n - 1`` of ``sample(start + n, seed, ...)`` batch by batch:
         memory bounded by one batch, and no rows before ``start`` are drawn or decoded."""
-        n, batch = self._check_sample_args(n, batch_size, rows_kept=0)
+        shapes = self._sample_shapes(latent_size, image_size)
+        n, batch = self._check_sample_args(n, batch_size, rows_kept=0, image_shape=shapes[1])
         start = inputs.index(start, "start")
-        z_stream, pixel_stream = self._streams(seed, bernoulli)
+        z_stream, pixel_stream = self._streams(seed, bernoulli, shapes)
         yield from sample_batches(self._engines[DECODER], z_stream, pixel_stream, start, start + n, batch)
 
     def sample_rows(
-        self, start: int, stop: int, seed: Any, batch_size: int | None = None, bernoulli: bool = False
+        self,
+        start: int,
+        stop: int,
+        seed: Any,
+        batch_size: int | None = None,
+        bernoulli: bool = False,
+        *,
+        latent_size: tuple[int, int] | None = None,
+        image_size: tuple[int, int] | None = None,
     ) -> np.ndarray:
         """Images [start, stop) of ``sample(stop, seed, ...)`` as one array: what one shard or one
         worker draws, without touching the rows before ``start``. Pass an int seed."""
         start, stop = inputs.row_range(start, stop)
-        n, _ = self._check_sample_args(stop - start, batch_size, rows_kept=None)
-        out = np.empty((n, *self.image_shape), np.float32)
+        image_shape = self._sample_shapes(latent_size, image_size)[1]
+        n, _ = self._check_sample_args(stop - start, batch_size, rows_kept=None, image_shape=image_shape)
+        out = np.empty((n, *image_shape), np.float32)
         row = 0
-        for x in self.sample_iter(n, seed, batch_size, bernoulli, start=start):
+        sizes = dict(latent_size=latent_size, image_size=image_size)
+        for x in self.sample_iter(n, seed, batch_size, bernoulli, start=start, **sizes):
             out[row : row + len(x)] = x
             row += len(x)
         return out
@@ -323,6 +364,9 @@ class VAERuntime:
         bernoulli: bool = False,
         device_output: bool = False,
         progress: Callable[[int], None] | None = None,
+        *,
+        latent_size: tuple[int, int] | None = None,
+        image_size: tuple[int, int] | None = None,
     ) -> Any:
         """n images [n, C, H, W] float32 decoded from z ~ N(0, I); image i depends only on the seed.
 
@@ -330,17 +374,25 @@ class VAERuntime:
         ``batch_size`` only changes speed and memory. ``progress(k)`` is called after each batch
         with the number of samples it added. ``device_output=True`` on CUDA returns one CUDA
         OrtValue holding all n images (DLPack-capable); on CPU a numpy array.
+
+        Exports that take any size need ``latent_size=(h, w)`` or ``image_size=(H, W)``. The prior
+        is the VAE's own: z ~ N(0, I) in the decoder's input space (unscaled latents; a diffusion
+        model's latents are ``z * scaling_factor`` shifted). A KL VAE's decodes of prior draws are
+        rarely pictures (its KL weight is tiny; diffusion models generate its latents); a VAE without
+        logvar (AutoencoderTiny) has no prior, and N(0, I) is only a convention there.
         """
-        n, batch = self._check_sample_args(n, batch_size, rows_kept=None)
-        z_stream, pixel_stream = self._streams(seed, bernoulli)
+        shapes = self._sample_shapes(latent_size, image_size)
+        image_shape = shapes[1]
+        n, batch = self._check_sample_args(n, batch_size, rows_kept=None, image_shape=image_shape)
+        z_stream, pixel_stream = self._streams(seed, bernoulli, shapes)
         engine = self._engines[DECODER]
         # On CUDA, plain samples go straight into one device buffer; Bernoulli draws are made on the
         # host (numpy's generator) and uploaded at the end.
         to_device = device_output and self.provider == "cuda"
         device = None
         if to_device and pixel_stream is None:
-            device = sessions.device_array([n, *self.image_shape], np.float32, self._engine_options["device_id"])
-        host = None if device is not None else np.empty((n, *self.image_shape), np.float32)
+            device = sessions.device_array([n, *image_shape], np.float32, self._engine_options["device_id"])
+        host = None if device is not None else np.empty((n, *image_shape), np.float32)
         for start in range(0, n, batch):
             b = min(batch, n - start)
             z = z_stream.take(b)

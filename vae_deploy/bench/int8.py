@@ -79,6 +79,7 @@ def int8_error(ctx: Context, int8: Backend, fp32: Backend, rows: int = INT8_ERRO
     b = b if isinstance(b, np.ndarray) else b[0]
     diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
     out = {"rows": rows, "mean_abs": float(diff.mean()), "max_abs": float(diff.max())}
-    if ctx.graph == DECODER:  # pixels in [0, 1]: also in 8-bit levels
-        out.update(mean_abs_255=out["mean_abs"] * 255, max_abs_255=out["max_abs"] * 255)
+    if ctx.graph == DECODER:  # pixels: also in 8-bit levels of the value range
+        lo, hi = ctx.manifest.model.value_range
+        out.update(mean_abs_255=out["mean_abs"] * 255 / (hi - lo), max_abs_255=out["max_abs"] * 255 / (hi - lo))
     return out

@@ -82,14 +82,16 @@ def _cuda_backend(ctx: Context, name: str, fmt: str, cuda_graph: bool, peak: str
         sess = spare[0] if not cuda_graph else (spare.pop() if spare else new_session())
         meta_in, meta_out = sess.get_inputs()[0], sess.get_outputs()
         x_dev = ort.OrtValue.ortvalue_from_numpy(x.astype(sessions.numpy_dtype(meta_in.type)), "cuda", CUDA_DEVICE)
-        outs = [
-            sessions.device_array([x.shape[0], *o.shape[1:]], sessions.numpy_dtype(o.type), CUDA_DEVICE)
-            for o in meta_out
-        ]
         binding = sess.io_binding()
         binding.bind_ortvalue_input(meta_in.name, x_dev)
-        for o, value in zip(meta_out, outs):
-            binding.bind_ortvalue_output(o.name, value)
+        outs = []
+        for o in meta_out:
+            if all(isinstance(d, int) for d in o.shape[1:]):  # fixed rows: one preallocated buffer
+                value = sessions.device_array([x.shape[0], *o.shape[1:]], sessions.numpy_dtype(o.type), CUDA_DEVICE)
+                binding.bind_ortvalue_output(o.name, value)
+                outs.append(value)
+            else:  # symbolic height/width: onnxruntime allocates on the device
+                binding.bind_output(o.name, "cuda", CUDA_DEVICE)
 
         def step() -> Any:
             sess.run_with_iobinding(binding)

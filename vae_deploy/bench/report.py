@@ -24,7 +24,7 @@ class Row:
     latency_ms: dict[str, float]  # p50, p90, p99, mean, min
     samples_per_s: float
     fraction_of_peak: float | None
-    gflop_per_s: float
+    gflop_per_s: float | None  # None where the FLOPs could not be counted
     peak: str  # which limit fraction_of_peak is taken against
     runs: int
     rounds: int
@@ -61,12 +61,18 @@ class BenchReport:
         }
 
 
+def _flops_text(flops: int | None) -> str:
+    return "?" if not flops else f"{flops:,}"
+
+
 def format_table(report: BenchReport) -> str:
     """The console table: one line per (batch size, backend), then settings, errors and skips."""
     lim = report.limits
     lines = [
         f"{report.settings['graph']} of {report.settings['export_dir']}: "
-        f"{report.settings['flops_per_sample']:,} FLOP/sample; machine: {report.machine['cpu']} "
+        f"{_flops_text(report.settings['flops_per_sample'])} FLOP/sample"
+        + (f" at {report.settings['image_size']}" if report.settings.get("image_size") else "")
+        + f"; machine: {report.machine['cpu']} "
         f"x{report.machine['cpus']}" + (f", {report.machine['gpu']}" if report.machine.get("gpu") else ""),
         f"limits: cpu fp32 matmul {lim['cpu_fp32_matmul_gflops']:.1f} GFLOP/s, "
         f"copy {lim['cpu_copy_gbps']:.1f} GB/s"
@@ -177,7 +183,7 @@ def plot_throughput(report: BenchReport | dict[str, Any], path: str | os.PathLik
         if f"gpu_{k}_matmul_tflops" in lim
     ]
     for label, peak in ceilings:
-        if peak:
+        if peak and flops:
             ax.axhline(peak / flops, color="grey", linestyle=":", linewidth=1)
             ax.annotate(
                 label,
