@@ -213,16 +213,19 @@ def export(
     formats: Sequence[str] = DEFAULT_FORMATS,
     opset: int | None = None,
     fp16: bool = False,
+    int8: bool | Any = False,
     verify: bool = True,
     data_root: str | os.PathLike | None = None,
     log: Callable[[str], None] = print,
 ) -> ExportResult:
     """Export a checkpoint's encoder and decoder to ``out`` (atomically) and verify them.
 
-    Raises ``ParityError`` (and leaves ``out`` as it was) when an exported graph does not match
-    eager PyTorch within tolerance.
+    ``int8`` (True or a ``vae_deploy.quantize.Int8Gate``) also writes ``decoder.int8.onnx``,
+    checked against the fp32 decoder by the gate (vae_deploy.quantize). Raises ``ParityError`` (and
+    leaves ``out`` as it was) when an exported graph does not match eager PyTorch within tolerance
+    or the int8 decoder fails its gate.
     """
-    formats = _check_formats(formats, fp16, opset)
+    formats = _check_formats(formats, fp16 or bool(int8), opset)
     checkpoint = Path(checkpoint)
     state = read_checkpoint(checkpoint)
     model = model_from_state(state, str(checkpoint))
@@ -231,6 +234,11 @@ def export(
     new_files = {file_name(g, f) for g in GRAPHS for f in formats} | (
         {file_name(DECODER, "onnx-fp16")} if fp16 else set()
     )
+    if int8:
+        from vae_deploy.quantize import Int8Gate, add_int8_decoder
+
+        gate = int8 if isinstance(int8, Int8Gate) else Int8Gate()
+        new_files.add(file_name(DECODER, "onnx-int8"))
     _sweep_leftovers(target)  # first: it may put back an old export a killed install left aside
     ours = _check_target(target, new_files)
     source = {
@@ -251,6 +259,13 @@ def export(
         raise ExportError(f"cannot write to {target.parent}: {exc.strerror or exc}") from None
     try:
         files, seconds, opset_used = _write_graphs(model, contract, formats, opset, fp16, staging, log)
+        extra = {}
+        if int8:  # quantized from the fp32 decoder just written, gated against it, verified with the rest
+            t0 = time.perf_counter()
+            entry, check = add_int8_decoder(staging, files, contract, gate, log)
+            files.append(entry)
+            seconds[f"{DECODER}.onnx-int8"] = time.perf_counter() - t0
+            extra["int8"] = check.to_dict()
         manifest = manifest_dict(
             contract,
             files,
@@ -261,6 +276,7 @@ def export(
             training={k: (state.get("train_config") or {}).get(k) for k in ("dataset", "binarize", "loss")},
             opset=opset_used,
             torch_version=torch.__version__,
+            **extra,
         )
         report = None
         if verify:
@@ -291,7 +307,7 @@ def _check_formats(formats: Sequence[str] | str, fp16: bool, opset: int | None) 
     if unknown or not formats:
         raise UsageError(f"formats must be a non-empty subset of {', '.join(FORMATS)}; got {list(formats)}")
     if fp16 and "onnx" not in formats:
-        raise UsageError("--fp16 adds a half-precision ONNX decoder, so it needs the onnx format")
+        raise UsageError("--fp16/--int8 add a decoder derived from the ONNX one, so they need the onnx format")
     if opset is not None:
         import onnx
 

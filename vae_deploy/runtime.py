@@ -187,6 +187,11 @@ class VAERuntime:
     def _resolve_provider(self, provider: str) -> str:
         if provider == "cpu":
             return "cpu"
+        if self.precision == "int8":  # QGemm and friends are onnxruntime CPU kernels
+            if provider == "cuda":
+                raise UsageError("the int8 decoder runs on the CPU: use provider='cpu' or 'auto'")
+            self.fallback_reason = "the int8 decoder runs on the CPU (onnxruntime's int8 kernels are CPU kernels)"
+            return "cpu"
         unavailable = sessions.cuda_unavailable()
         if unavailable:
             if provider == "cuda":

@@ -202,7 +202,7 @@ def tune_plan(
     result = TuneResult(CpuPlan(), spec.name, 0.0, cpu=plans.cpu_identity())
 
     static = all(t.static_rows and t.dtype == "float32" for t in spec.outputs)
-    chunk_share = 0.3 if static and sizes[-1] > CHUNK_SIZES[1] else 0.0
+    chunk_share = 0.3 if static and sizes[-1] > CpuPlan().max_rows else 0.0
     per_probe = seconds * (1 - chunk_share) / len(sizes)
     winners: dict[int, str] = {}
     per_row = 0.0  # seconds per row of the fastest candidate at the last probe
@@ -241,12 +241,14 @@ def tune_plan(
         plan = replace(plan, small_batch_max=boundary, small_threads=small.threads, small_spinning=small.spinning)
 
     big = measured[-1]
-    if chunk_share and big > CHUNK_SIZES[1]:
+    if chunk_share and big <= CpuPlan().max_rows:
+        result.notes.append(f"row chunking not measured (needs a batch above {CpuPlan().max_rows}); default kept")
+    elif chunk_share:
         rows = [r for r in CHUNK_SIZES if r < big]
         x = probe_input(spec, big)
         engines = {str(r): CpuEngine(model, name, spec, replace(plan, max_rows=r, small_batch_max=0), 3) for r in rows}
         points = _race({r: (lambda e=e: e.run(x)) for r, e in engines.items()}, seconds * chunk_share)
-        reference = str(CpuPlan().max_rows) if str(CpuPlan().max_rows) in points else "0"
+        reference = str(CpuPlan().max_rows)
         speed = _speedups(points, reference)
         best = _pick(speed, reference, margin)
         result.chunking = {
