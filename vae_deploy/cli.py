@@ -345,6 +345,9 @@ def sample(
 )
 @click.option("--opset", type=int, help="ONNX opset (default: the exporter's, recorded in the manifest).")
 @click.option("--fp16", is_flag=True, help="Also write decoder.fp16.onnx (half precision inside, fp32 I/O).")
+@click.option("--int8", is_flag=True, help="Also write decoder.int8.onnx (static int8 for CPUs), gated against fp32.")
+@click.option("--int8-max-mean-error", type=float, help="int8 gate: mean |int8 - fp32| in 1/255 (default 0.5).")
+@click.option("--int8-max-error", type=float, help="int8 gate: largest |int8 - fp32| in 1/255 (default 4).")
 @click.option("--no-verify", is_flag=True, help="Skip the parity check against eager PyTorch.")
 @click.option("--data-root", help=DATA_ROOT_HELP + " (real images for the parity check)")
 def export_command(
@@ -353,11 +356,15 @@ def export_command(
     formats: str,
     opset: int | None,
     fp16: bool,
+    int8: bool,
+    int8_max_mean_error: float | None,
+    int8_max_error: float | None,
     no_verify: bool,
     data_root: str | None,
 ) -> None:
     """Export encoder and decoder graphs from CHECKPOINT, verify them, and write the manifest."""
     from vae_deploy.export import export
+    from vae_deploy.quantize import int8_option
 
     export(
         checkpoint,
@@ -365,6 +372,7 @@ def export_command(
         formats=formats,
         opset=opset,
         fp16=fp16,
+        int8=int8_option(int8, int8_max_mean_error, int8_max_error),
         verify=not no_verify,
         data_root=data_root,
         log=click.echo,
@@ -445,6 +453,38 @@ def bench(
         click.echo(f"wrote {b.write_json(report, json_path)}")
     if plot:
         click.echo(f"wrote {b.plot_throughput(report, plot)}")
+
+
+# --- tune -------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("export_dir", type=click.Path(file_okay=False))
+@click.option("--graph", default="decoder", show_default=True, type=click.Choice(GRAPHS))
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(("fp32", "fp16", "int8")))
+@click.option("--seconds", default=5.0, show_default=True, type=float, help="Time spent measuring.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write what was measured as JSON.")
+@click.option("--no-save", is_flag=True, help="Measure and print only; leave the plan cache alone.")
+def tune(export_dir: str, graph: str, precision: str, seconds: float, json_path: str | None, no_save: bool) -> None:
+    """Measure CPU plans for EXPORT_DIR on this machine and cache the fastest.
+
+    VAERuntime (cpu_plan="auto", the default) and `vae-deploy sample` use the cached plan on this
+    machine; the cache is keyed by CPU, onnxruntime version and the graph file's sha256, and lives
+    in $VAE_DEPLOY_CACHE_DIR, else $XDG_CACHE_HOME/vae-deploy, else ~/.cache/vae-deploy.
+    """
+    import json
+
+    from vae_deploy.files import atomic_write_text
+    from vae_deploy.tune import tune_export
+
+    result, cached = tune_export(
+        export_dir, graph=graph, precision=precision, seconds=seconds, save=not no_save, log=click.echo
+    )
+    click.echo(result.table())
+    click.echo(f"cached for this machine: {cached.path}" if cached else "not cached (--no-save)")
+    if json_path:
+        atomic_write_text(json_path, json.dumps(result.to_dict(), indent=2) + "\n")
+        click.echo(f"wrote {json_path}")
 
 
 # --- entry point --------------------------------------------------------------------------------

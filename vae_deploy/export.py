@@ -213,7 +213,7 @@ def export(
     formats: Sequence[str] = DEFAULT_FORMATS,
     opset: int | None = None,
     fp16: bool = False,
-    int8: bool | Any = False,
+    int8: bool | Any = False,  # True or a vae_deploy.quantize.Int8Gate; None/False: no int8 file
     verify: bool = True,
     data_root: str | os.PathLike | None = None,
     log: Callable[[str], None] = print,

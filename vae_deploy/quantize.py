@@ -76,6 +76,18 @@ class Int8Gate:
                 raise UsageError(f"int8 error bounds must be in (0, 255] levels of 255, got {self}")
 
 
+def int8_option(int8: bool, max_mean_255: float | None = None, max_255: float | None = None) -> Int8Gate | None:
+    """``export``'s ``int8`` argument from the CLI's ``--int8`` and its two bounds (None: the defaults)."""
+    if not int8:
+        if max_mean_255 is not None or max_255 is not None:
+            raise UsageError("--int8-max-mean-error/--int8-max-error bound the int8 decoder: add --int8")
+        return None
+    default = Int8Gate()
+    return Int8Gate(
+        default.mean_255 if max_mean_255 is None else max_mean_255, default.max_255 if max_255 is None else max_255
+    )
+
+
 @dataclass
 class Int8Check:
     """What the gate measured for one int8 graph (and how it was made)."""
@@ -217,8 +229,14 @@ def quantize_static_int8(
     return keep
 
 
+def quantize_decoder(fp32: str | Path | bytes, dst: str | Path, spec: GraphSpec) -> list[str]:
+    """A decoder quantized as ``export --int8`` does (static, calibrated on the widened prior) into ``dst``."""
+    calibration = prior_latents(spec, CALIBRATION_ROWS, CALIBRATION_SEED) * np.float32(CALIBRATION_SPREAD)
+    return quantize_static_int8(fp32, dst, calibration, spec.input_names[0])
+
+
 def measure_int8(
-    fp32: bytes, int8: bytes, spec: GraphSpec, gate: Int8Gate, rows: int = CHECK_ROWS, seed: int = CHECK_SEED
+    fp32: bytes, int8: bytes, spec: GraphSpec, rows: int = CHECK_ROWS, seed: int = CHECK_SEED
 ) -> tuple[float, float]:
     """(mean, max) |int8 - fp32| of the first output in 1/255 of its value range, over ``rows``
     prior draws, both graphs on onnxruntime's CPU provider."""
@@ -244,9 +262,8 @@ def write_int8_decoder(
     """Quantize an fp32 decoder file into ``dst`` (static int8, calibrated on the prior) and check
     it against the fp32 one; ParityError (naming both bounds) when the gate fails."""
     fp32 = Path(fp32_path).read_bytes()
-    calibration = prior_latents(spec, CALIBRATION_ROWS, CALIBRATION_SEED) * np.float32(CALIBRATION_SPREAD)
-    keep = quantize_static_int8(fp32, dst, calibration, spec.input_names[0])
-    mean, worst = measure_int8(fp32, Path(dst).read_bytes(), spec, gate)
+    keep = quantize_decoder(fp32, dst, spec)
+    mean, worst = measure_int8(fp32, Path(dst).read_bytes(), spec)
     method = (
         f"onnxruntime quantize_static (QDQ, per-tensor QInt8 weights, QUInt8 activations calibrated by "
         f"MinMax on {CALIBRATION_ROWS} N(0, {CALIBRATION_SPREAD:g}^2 I) latents, seed {CALIBRATION_SEED}); "
