@@ -307,7 +307,7 @@ def _check_formats(formats: Sequence[str] | str, fp16: bool, opset: int | None) 
     if unknown or not formats:
         raise UsageError(f"formats must be a non-empty subset of {', '.join(FORMATS)}; got {list(formats)}")
     if fp16 and "onnx" not in formats:
-        raise UsageError("--fp16/--int8 add a decoder derived from the ONNX one, so they need the onnx format")
+        raise UsageError("--fp16 and --int8 derive a decoder from the ONNX one, so each needs the onnx format")
     if opset is not None:
         import onnx
 

@@ -163,9 +163,38 @@ def _speedups(points: dict[str, Point], reference: str) -> dict[str, float]:
     }
 
 
-def _pick(speedup: dict[str, float], default: str, margin: float) -> str:
+def _pick(speedup: dict[Any, float], default: Any, margin: float) -> Any:
+    """The fastest candidate, if it beats ``default`` by more than ``margin``; else ``default``."""
     best = max(speedup, key=lambda k: speedup[k])
     return best if best != default and speedup[best] > 1 + margin else default
+
+
+def choose_sessions(
+    speedup: dict[int, dict[Sessions, float]], margin: float = MARGIN, default: Sessions = DEFAULT_SESSIONS
+) -> CpuPlan:
+    """The session part of a plan from each candidate's speed over ``default`` per batch size.
+
+    The large-batch session is the winner at the largest size measured, the small-batch one the
+    winner at the smallest; where they differ, the small one serves every size up to the last at
+    which it is at least as fast as the large one, and the boundary goes halfway (geometrically)
+    to the next size measured.
+    """
+    sizes = sorted(speedup)
+    large = _pick(speedup[sizes[-1]], default, margin)
+    small = _pick(speedup[sizes[0]], default, margin)
+    plan = CpuPlan(threads=large.threads, spinning=large.spinning)
+    if small == large:
+        return plan
+    upto = 0
+    for b in sizes:
+        if speedup[b][small] < speedup[b][large]:
+            break
+        upto = b
+    if upto == 0:  # small won the smallest size only within noise of large: one session
+        return plan
+    nxt = next((b for b in sizes if b > upto), None)
+    boundary = upto if nxt is None else int(math.sqrt(upto * nxt))
+    return replace(plan, small_batch_max=boundary, small_threads=small.threads, small_spinning=small.spinning)
 
 
 def tune_plan(
@@ -204,7 +233,6 @@ def tune_plan(
     static = all(t.static_rows and t.dtype == "float32" for t in spec.outputs)
     chunk_share = 0.3 if static and sizes[-1] > CpuPlan().max_rows else 0.0
     per_probe = seconds * (1 - chunk_share) / len(sizes)
-    winners: dict[int, str] = {}
     per_row = 0.0  # seconds per row of the fastest candidate at the last probe
     for b in sizes:
         # a probe whose calls would not fit its share of the time (or memory) ends the sweep
@@ -220,25 +248,11 @@ def tune_plan(
         points = _race(steps, per_probe)
         result.sessions[b] = {k: statistics.median(p.times) * 1e6 for k, p in points.items()}
         result.speedup[b] = _speedups(points, default)
-        winners[b] = _pick(result.speedup[b], default, margin)
         per_row = min(result.sessions[b].values()) / 1e6 / b
-        say(f"batch {b}: {winners[b]} ({result.speedup[b][winners[b]]:.2f}x the default)")
+        best = _pick(result.speedup[b], default, margin)
+        say(f"batch {b}: {best} ({result.speedup[b][best]:.2f}x the default)")
     measured = list(result.sessions)
-    by_label = {v: k for k, v in labels.items()}
-    large = by_label[winners[measured[-1]]]
-    small = by_label[winners[measured[0]]]
-    plan = CpuPlan(threads=large.threads, spinning=large.spinning)
-    if small != large:
-        # small serves batch sizes up to the last probe at which it is still at least as fast as large
-        keep = [b for b in measured if result.speedup[b][labels[small]] >= result.speedup[b][labels[large]]]
-        upto = 0
-        for b in measured:
-            if b not in keep:
-                break
-            upto = b
-        nxt = next((b for b in measured if b > upto), None)
-        boundary = upto if nxt is None else int(math.sqrt(upto * nxt))
-        plan = replace(plan, small_batch_max=boundary, small_threads=small.threads, small_spinning=small.spinning)
+    plan = choose_sessions({b: {c: result.speedup[b][labels[c]] for c in cands} for b in measured}, margin)
 
     big = measured[-1]
     if chunk_share and big <= CpuPlan().max_rows:
