@@ -35,6 +35,7 @@ import numpy as np
 
 from vae_deploy import plans, sessions
 from vae_deploy.bench.budget import Budget
+from vae_deploy.bench.machine import cpu_counters, other_load
 from vae_deploy.bench.timing import Point, quiesce, timed_round, warm_up
 from vae_deploy.contract import DECODER, ENCODER, PRECISION_FORMAT, GraphSpec
 from vae_deploy.engines import CpuEngine, CpuPlan, cpu_count
@@ -47,6 +48,7 @@ CHUNK_SIZES = (0, 256, 512, 1024, 2048)  # 0: one run for the whole batch
 DEFAULT_SECONDS = 5.0
 MARGIN = 0.03  # a candidate must beat the default by more than this to replace it
 MAX_PROBE_BYTES = 256 << 20  # input + output of one probe call
+BUSY_CORES = 0.3  # other processes using more than this while tuning: the plan fits a busy machine
 SETTLE = Budget(warmup_s=0.02, round_s=0.01, min_rounds=4, max_s=1.0, settle=0.02)
 
 
@@ -88,12 +90,14 @@ class TuneResult:
     chunking: dict[str, Any] = field(default_factory=dict)  # {"batch", "us": {rows: µs}, "speedup": ...}
     cpu: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    other_cores: float | None = None  # CPU other processes used while this measured (cores)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "plan": self.plan.to_dict(),
             "graph": self.graph,
             "seconds": round(self.seconds, 2),
+            "other_cores": self.other_cores,
             "sessions_us": {str(b): v for b, v in self.sessions.items()},
             "speedup_vs_default": {str(b): v for b, v in self.speedup.items()},
             "chunking": self.chunking,
@@ -214,7 +218,7 @@ def tune_plan(
     sizes = sorted({int(b) for b in batch_sizes})
     if not sizes or sizes[0] < 1:
         raise UsageError(f"tune batch sizes must be positive integers, got {list(batch_sizes)}")
-    started = time.perf_counter()
+    started, counters = time.perf_counter(), cpu_counters()
     say = log or (lambda _: None)
     cands = list(dict.fromkeys(candidates or candidate_sessions()))
     if DEFAULT_SESSIONS not in cands:
@@ -275,6 +279,13 @@ def tune_plan(
         say(f"batch {big}: {'one run' if best == '0' else best + ' rows per run'} ({speed[best]:.2f}x {reference})")
     result.plan = plan
     result.seconds = time.perf_counter() - started
+    load = other_load(counters)
+    result.other_cores = load["other_cores"] if load else None
+    if result.other_cores is not None and result.other_cores > BUSY_CORES:
+        result.notes.append(
+            f"other processes used {result.other_cores:.2f} cores while this measured: the plan suits a machine "
+            "that busy; tune again when it is quiet if it usually is"
+        )
     return result
 
 
