@@ -312,7 +312,7 @@ def test_bad_provider_and_options(mlp_export: Path) -> None:
     with pytest.raises(UsageError, match="provider must be one of"):
         VAERuntime(mlp_export, "tpu")
     with pytest.raises(UsageError, match="precision"):
-        VAERuntime(mlp_export, "cpu", precision="int8")
+        VAERuntime(mlp_export, "cpu", precision="int4")
     with pytest.raises(UsageError, match="intra_op_threads"):
         VAERuntime(mlp_export, "cpu", intra_op_threads=0)
     with pytest.raises(UsageError, match="either intra_op_threads or cpu_plan"):

@@ -445,6 +445,9 @@ def _floats(value: str | None, n: int, what: str) -> tuple[float, ...] | None:
 )
 @click.option("--opset", type=int, help="ONNX opset (default: the exporter's, recorded in the manifest).")
 @click.option("--fp16", is_flag=True, help="Also write decoder.fp16.onnx (half precision inside, fp32 I/O).")
+@click.option("--int8", is_flag=True, help="Also write decoder.int8.onnx (static int8 for CPUs), gated against fp32.")
+@click.option("--int8-max-mean-error", type=float, help="int8 gate: mean |int8 - fp32| in 1/255 (default 0.5).")
+@click.option("--int8-max-error", type=float, help="int8 gate: largest |int8 - fp32| in 1/255 (default 4).")
 @click.option(
     "--fp16-keep-fp32",
     help="With --fp16, compute these in fp32: 'auto' (ops whose activations come near fp16's limit), "
@@ -473,6 +476,7 @@ def export_command(source: str | None, out: str, **opts: Any) -> None:
     pipeline folder with vae/); or give --factory (and --weights) instead.
     """
     from vae_deploy.export_modules import export_source
+    from vae_deploy.quantize import int8_option
 
     export_source(
         source,
@@ -485,6 +489,7 @@ def export_command(source: str | None, out: str, **opts: Any) -> None:
         dynamic_size=False if opts.pop("fixed_size") else None,
         verify_sizes=_sizes(opts.pop("verify_sizes")),
         fp16=opts.pop("fp16") or None,
+        int8=int8_option(opts.pop("int8"), opts.pop("int8_max_mean_error"), opts.pop("int8_max_error")) or None,
         log=click.echo,
         **opts,
     )
@@ -692,6 +697,38 @@ def triton_command(
     for model in write_repository(export_dir, repo, options):
         _wrote(model.path)
     click.echo(f"serve it with: {docker_command(repo, options.kind)}")
+
+
+# --- tune -------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("export_dir", type=click.Path(file_okay=False))
+@click.option("--graph", default="decoder", show_default=True, type=click.Choice(GRAPHS))
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(("fp32", "fp16", "int8")))
+@click.option("--seconds", default=5.0, show_default=True, type=float, help="Time spent measuring.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write what was measured as JSON.")
+@click.option("--no-save", is_flag=True, help="Measure and print only; leave the plan cache alone.")
+def tune(export_dir: str, graph: str, precision: str, seconds: float, json_path: str | None, no_save: bool) -> None:
+    """Measure CPU plans for EXPORT_DIR on this machine and cache the fastest.
+
+    VAERuntime (cpu_plan="auto", the default) and `vae-deploy sample` use the cached plan on this
+    machine; the cache is keyed by CPU, onnxruntime version and the graph file's sha256, and lives
+    in $VAE_DEPLOY_CACHE_DIR, else $XDG_CACHE_HOME/vae-deploy, else ~/.cache/vae-deploy.
+    """
+    import json
+
+    from vae_deploy.files import atomic_write_text
+    from vae_deploy.tune import tune_export
+
+    result, cached = tune_export(
+        export_dir, graph=graph, precision=precision, seconds=seconds, save=not no_save, log=click.echo
+    )
+    click.echo(result.table())
+    click.echo(f"cached for this machine: {cached.path}" if cached else "not cached (--no-save)")
+    if json_path:
+        atomic_write_text(json_path, json.dumps(result.to_dict(), indent=2) + "\n")
+        click.echo(f"wrote {json_path}")
 
 
 # --- entry point --------------------------------------------------------------------------------

@@ -94,16 +94,19 @@ def export(
     formats: Sequence[str] = DEFAULT_FORMATS,
     opset: int | None = None,
     fp16: bool = False,
+    int8: bool | Any = False,
     verify: bool = True,
     data_root: str | os.PathLike | None = None,
     log: Callable[[str], None] = print,
 ) -> ExportResult:
     """Export a checkpoint's encoder and decoder to ``out`` (atomically) and verify them.
 
-    Raises ``ParityError`` (and leaves ``out`` as it was) when an exported graph does not match
-    eager PyTorch within tolerance.
+    ``int8`` (True or a ``vae_deploy.quantize.Int8Gate``) also writes ``decoder.int8.onnx``,
+    quantized from the fp32 decoder and gated against it. Raises ``ParityError`` (and leaves ``out``
+    as it was) when an exported graph does not match eager PyTorch within tolerance, or the int8
+    decoder fails its gate.
     """
-    formats = check_formats(formats, fp16, opset)
+    formats = check_formats(formats, fp16 or bool(int8), opset)
     checkpoint = Path(checkpoint)
     state = read_checkpoint(checkpoint)
     model = model_from_state(state, str(checkpoint)).eval()
@@ -124,8 +127,8 @@ def export(
         "training": {k: (state.get("train_config") or {}).get(k) for k in ("dataset", "binarize", "loss")},
     }
     return write_export(
-        out, contract, graphs, formats=formats, opset=opset, fp16=fp16, verify=check if verify else None,
-        extra=extra, log=log,
+        out, contract, graphs, formats=formats, opset=opset, fp16=fp16, int8=int8,
+        verify=check if verify else None, extra=extra, log=log,
     )  # fmt: skip
 
 
@@ -144,6 +147,7 @@ def write_export(
     opset: int | None = None,
     fp16: bool = False,
     fp16_keep: KeepRule = KeepFp32(),
+    int8: bool | Any = False,
     tolerances: dict[tuple[str, str], Tolerance] | None = None,
     verify: Verifier | None = None,
     extra: dict[str, Any] | None = None,
@@ -157,14 +161,19 @@ def write_export(
     ``tolerances`` maps (precision, graph) to the tolerance recorded for those files (else the
     contract's defaults); ``extra`` adds manifest fields; ``verification`` adds to its record.
     """
-    formats = check_formats(formats, fp16, opset)
-    if fp16 and DECODER not in graphs:
-        raise UsageError("--fp16 adds a half-precision ONNX decoder, so it needs a decoder")
+    formats = check_formats(formats, fp16 or bool(int8), opset)
+    if (fp16 or int8) and DECODER not in graphs:
+        raise UsageError("--fp16 and --int8 derive a decoder from the ONNX one, so they need a decoder")
     out_dir = Path(out)
     target = out_dir.resolve()
     new_files = {file_name(g, f) for g in graphs for f in formats}
     if fp16:
         new_files.add(file_name(DECODER, "onnx-fp16"))
+    if int8:
+        from vae_deploy.quantize import Int8Gate, add_int8_decoder
+
+        gate = int8 if isinstance(int8, Int8Gate) else Int8Gate()
+        new_files.add(file_name(DECODER, "onnx-int8"))
     _sweep_leftovers(target)  # first: it may put back an old export a killed install left aside
     ours = _check_target(target, new_files)
     # A sibling of the target (same filesystem, so the final moves are renames); mkdir, not
@@ -178,6 +187,12 @@ def write_export(
         raise ExportError(f"cannot write to {target.parent}: {exc.strerror or exc}") from None
     try:
         written = _write_graphs(contract, graphs, formats, opset, fp16, fp16_keep, tolerances or {}, staging, log)
+        if int8:  # quantized from the fp32 decoder just written, gated against it, verified with the rest
+            t0 = time.perf_counter()
+            entry, check = add_int8_decoder(staging, written.files, contract, gate, log)
+            written.files.append(entry)
+            written.seconds[f"{DECODER}.onnx-int8"] = time.perf_counter() - t0
+            written.notes["int8"] = check.to_dict()
         manifest = manifest_dict(
             contract,
             written.files,
@@ -221,7 +236,7 @@ def check_formats(formats: Sequence[str] | str, fp16: bool, opset: int | None) -
     if unknown or not formats:
         raise UsageError(f"formats must be a non-empty subset of {', '.join(FORMATS)}; got {list(formats)}")
     if fp16 and "onnx" not in formats:
-        raise UsageError("--fp16 adds a half-precision ONNX decoder, so it needs the onnx format")
+        raise UsageError("--fp16 and --int8 derive a decoder from the ONNX one, so each needs the onnx format")
     if opset is not None:
         import onnx
 

@@ -13,6 +13,7 @@ from vae_deploy.contract import Dim
 from vae_deploy.errors import UsageError
 
 MAX_ABS_LATENT = 1e6  # a VAE's prior is N(0, I); near float32's limit decoders overflow into NaN
+MAX_ABS_LATENT_SQ = MAX_ABS_LATENT * MAX_ABS_LATENT
 
 
 def count(n: Any, name: str) -> int:
@@ -66,11 +67,16 @@ def batch_of(a: Any, name: str, rows: tuple[Dim, ...]) -> tuple[np.ndarray, bool
     return a, single
 
 
+def plain_latents(z: np.ndarray) -> bool:
+    """Whether a float32 batch is non-empty with every value finite and within ``MAX_ABS_LATENT``,
+    in one float32 dot product: a sum of squares <= MAX_ABS_LATENT**2 bounds every value, and
+    NaN/inf (or an overflowing sum) fail the comparison. False sends the caller to the exact checks."""
+    return z.shape[0] > 0 and np.vdot(z, z) <= MAX_ABS_LATENT_SQ
+
+
 def check_latents(z: np.ndarray) -> None:
-    """Refuse NaN/inf and latents beyond ``MAX_ABS_LATENT``. Common case: one BLAS dot, since a
-    sum of squares <= MAX_ABS_LATENT**2 bounds every value (NaN/inf fail the comparison)."""
-    flat = z.reshape(-1)
-    if flat @ flat <= MAX_ABS_LATENT * MAX_ABS_LATENT:
+    """Refuse NaN/inf and latents beyond ``MAX_ABS_LATENT`` (common case: :func:`plain_latents`)."""
+    if plain_latents(z):
         return
     if not np.isfinite(z).all():
         raise UsageError("z has NaN or infinite values; expected finite numbers")

@@ -25,6 +25,13 @@ against the contract at load and bound by name. Never imports torch or onnx.
 
 Threads: ``decode``/``encode``/``sample`` may be called from several threads at once. CPU sessions
 are thread-safe; the CUDA engine serialises its calls.
+
+CPU plans (threads, spinning, small/large sessions, row chunking; ``CpuPlan``): ``cpu_plan="auto"``
+(the default) uses the plan ``vae-deploy tune`` cached for this CPU, onnxruntime version and graph
+file (vae_deploy.plans), else the built-in default; ``"tuned"`` also tunes and caches one on first
+use (a few seconds, once per machine and file); ``"default"`` ignores the cache; a ``CpuPlan``
+fixes everything (tests, Ray actors). ``plan_source`` says which plan each graph got. A plan never
+changes results.
 """
 
 from __future__ import annotations
@@ -39,20 +46,24 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from vae_deploy import inputs, sessions
+from vae_deploy import inputs, plans, sessions
 from vae_deploy.config import DEVICES
 from vae_deploy.contract import DECODER, ENCODER, LOGVAR, MEAN, PRECISION_FORMAT, GraphSpec, ModelSpec
 from vae_deploy.decoding import sample_batches
 from vae_deploy.engines import CpuPlan, Engine, open_engine
 from vae_deploy.errors import ExportError, ProviderError, UsageError
+from vae_deploy.files import sha256_bytes
 from vae_deploy.manifest import read_manifest, read_verified
 from vae_deploy.resources import require_memory
 from vae_deploy.streams import sample_streams
 
 PROVIDERS = DEVICES
 PRECISIONS = tuple(PRECISION_FORMAT)
+PLAN_CHOICES = ("auto", "tuned", "default")
 CUDA_SAMPLE_BATCH = 1024
 SPATIAL_BATCH_BYTES = 4 << 20  # default sample batch of any-size exports: ~4 MB of images per run
+EXPORT_HINTS = {"fp16": " (export with --fp16)", "int8": " (export with --int8)"}
+_F32 = np.dtype(np.float32)
 
 GraphLoader = Callable[[], tuple[bytes, str]]  # -> (verified model bytes, name for errors)
 
@@ -61,8 +72,10 @@ class VAERuntime:
     """Decoder (and lazily the encoder) of an export folder on ONNX Runtime.
 
     ``provider``: "auto" (CUDA when a session really gets it, else CPU), "cuda" (or ProviderError),
-    "cpu". ``intra_op_threads`` fixes the CPU thread count (one session); ``cpu_plan`` gives full
-    control (see CpuPlan). ``precision="fp16"`` loads the optional ``decoder.fp16.onnx``.
+    "cpu". ``intra_op_threads`` fixes the CPU thread count (one session); ``cpu_plan`` is "auto"
+    (a cached tuned plan, else the default), "tuned" (tune on first use), "default" or a
+    ``CpuPlan`` (see the module doc). ``precision="fp16"`` loads the optional ``decoder.fp16.onnx``,
+    ``"int8"`` the optional ``decoder.int8.onnx`` (``vae-deploy export --int8``; CPU).
     ``cuda_graphs`` captures one CUDA graph per batch bucket for host-output decode/sample;
     ``tf32`` lets CUDA use TF32 for fp32 math (off: CUDA matches the CPU to the contract's
     tolerance). Sets onnxruntime's process-wide default log severity to ``log_severity``.
@@ -74,7 +87,7 @@ class VAERuntime:
         provider: str = "auto",
         *,
         intra_op_threads: int | None = None,
-        cpu_plan: CpuPlan | None = None,
+        cpu_plan: CpuPlan | str | None = "auto",
         precision: str = "fp32",
         device_id: int = 0,
         cuda_graphs: bool = True,
@@ -86,12 +99,14 @@ class VAERuntime:
         self.manifest = read_manifest(self.export_dir)
         fmt = PRECISION_FORMAT[precision]
         loaders: dict[str, tuple[GraphLoader, GraphSpec]] = {}
+        self._digests = {}
         for graph, wanted in ((DECODER, fmt), (ENCODER, "onnx")):
             entry = self.manifest.entry(graph, wanted)
             if entry is not None:
                 loaders[graph] = (self._folder_loader(entry), entry.spec)
+                self._digests[graph] = entry.sha256
         if DECODER not in loaders:
-            hint = " (export with --fp16)" if precision == "fp16" else ""
+            hint = EXPORT_HINTS.get(precision, "")
             have = self.manifest.formats(DECODER)
             raise ExportError(f"{self.export_dir} lists no decoder {fmt!r} file{hint}; it has {have or 'none'}")
         self._setup(self.manifest.model, loaders, provider, precision, intra_op_threads, cpu_plan,
@@ -107,7 +122,7 @@ class VAERuntime:
         *,
         precision: str = "fp32",
         intra_op_threads: int | None = None,
-        cpu_plan: CpuPlan | None = None,
+        cpu_plan: CpuPlan | str | None = "auto",
         device_id: int = 0,
         cuda_graphs: bool = True,
         tf32: bool = False,
@@ -121,6 +136,7 @@ class VAERuntime:
         _check_options(provider, precision, intra_op_threads, cpu_plan)
         self = cls.__new__(cls)
         self.export_dir, self.manifest = None, None
+        self._digests = {}  # hashed from the bytes, if a cached plan is looked up
 
         def loader(path: str | os.PathLike) -> GraphLoader:
             return lambda: (Path(path).read_bytes(), Path(path).name)
@@ -143,7 +159,7 @@ class VAERuntime:
         provider: str,
         precision: str,
         intra_op_threads: int | None,
-        cpu_plan: CpuPlan | None,
+        cpu_plan: CpuPlan | str | None,
         device_id: int,
         cuda_graphs: bool,
         tf32: bool,
@@ -151,7 +167,9 @@ class VAERuntime:
     ) -> None:
         if intra_op_threads is not None:
             cpu_plan = CpuPlan(small_batch_max=0, threads=inputs.count(intra_op_threads, "intra_op_threads"))
-        self.cpu_plan = cpu_plan or CpuPlan()
+        self._plan_choice = "auto" if cpu_plan is None else cpu_plan
+        self.cpu_plan = cpu_plan if isinstance(cpu_plan, CpuPlan) else CpuPlan()  # the decoder's, once open
+        self.plan_source: dict[str, str] = {}
         self.model = model
         self.latent_shape: tuple = tuple(model.latent_shape)
         self.image_shape: tuple = tuple(model.image_shape)
@@ -167,11 +185,19 @@ class VAERuntime:
         sessions.set_log_severity(log_severity)
         self.provider = self._resolve_provider(provider)
         self._engines[DECODER] = self._open(DECODER)
+        self._decode_first = self._engines[DECODER].run_first
+        static = all(isinstance(d, int) for d in self.latent_shape)
+        self._latent_rows = self.latent_shape if static else None  # the shape the lean decode path accepts
 
     # engines ------------------------------------------------------------------------------------
 
     def _resolve_provider(self, provider: str) -> str:
         if provider == "cpu":
+            return "cpu"
+        if self.precision == "int8":  # QGemm and friends are onnxruntime CPU kernels
+            if provider == "cuda":
+                raise UsageError("the int8 decoder runs on the CPU: use provider='cpu' or 'auto'")
+            self.fallback_reason = "the int8 decoder runs on the CPU (onnxruntime's int8 kernels are CPU kernels)"
             return "cpu"
         unavailable = sessions.cuda_unavailable()
         if unavailable:
@@ -192,7 +218,7 @@ class VAERuntime:
                     name,
                     spec,
                     "cuda",
-                    plan=self.cpu_plan,
+                    plan=CpuPlan(),
                     cuda_graphs=cuda_graphs,
                     **self._engine_options,
                 )
@@ -201,15 +227,36 @@ class VAERuntime:
             except ProviderError as exc:
                 self.fallback_reason = exc.reason
                 self.provider = "cpu"
+        plan = self._plan_for(graph, model, name, spec) if self.provider == "cpu" else CpuPlan()
         return open_engine(
             model,
             name,
             spec,
             self.provider,
-            plan=self.cpu_plan,
+            plan=plan,
             cuda_graphs=cuda_graphs,
             **self._engine_options,
         )
+
+    def _plan_for(self, graph: str, model: bytes, name: str, spec: GraphSpec) -> CpuPlan:
+        """The CPU plan of one graph: explicit, cached for this machine and file, tuned now, or the default."""
+        choice = self._plan_choice
+        if isinstance(choice, CpuPlan):
+            plan, source = choice, "given"
+        elif choice == "default":
+            plan, source = CpuPlan(), "default"
+        else:
+            digest = self._digests.get(graph) or sha256_bytes(model)
+            cached = plans.load_plan(digest)
+            if cached is None and choice == "tuned":
+                from vae_deploy.tune import tune_bytes  # measures for a few seconds, once per machine and file
+
+                cached = tune_bytes(model, spec, name)
+            plan, source = (cached.plan, f"cached ({cached.path})") if cached else (CpuPlan(), "default (none cached)")
+        self.plan_source[graph] = source
+        if graph == DECODER:
+            self.cpu_plan = plan
+        return plan
 
     def engine(self, graph: str) -> Engine:
         """The engine running ``"decoder"`` or ``"encoder"`` (the encoder is opened, and its file
@@ -235,6 +282,21 @@ class VAERuntime:
         One unbatched latent gives one image. float64/int input is cast. ``device_output=True`` on
         CUDA returns a CUDA OrtValue (``torch.from_dlpack`` takes it); on CPU the numpy result.
         """
+        # The common call (a C-contiguous float32 batch of finite, bounded latents) costs a few
+        # attribute checks and one float32 dot product before the session runs; anything else
+        # takes the checked path, which converts or says what was expected.
+        if (
+            type(z) is np.ndarray
+            and z.dtype is _F32
+            and z.shape[1:] == self._latent_rows
+            and not device_output
+            and z.flags.c_contiguous
+            and inputs.plain_latents(z)
+        ):
+            return self._decode_first(z)
+        return self._decode_checked(z, device_output)
+
+    def _decode_checked(self, z: Any, device_output: bool) -> Any:
         z, single = inputs.batch_of(z, "z", self.latent_shape)
         inputs.check_latents(z)
         engine = self._engines[DECODER]
@@ -245,7 +307,7 @@ class VAERuntime:
                 )
             if self.provider == "cuda":
                 return engine.run_device(z)[0]
-        x = engine.run(z)[0]
+        x = engine.run_first(z)
         return x[0] if single else x
 
     def encode(self, x: Any) -> tuple[np.ndarray, np.ndarray | None]:
@@ -421,7 +483,10 @@ def _check_options(provider: str, precision: str, intra_op_threads: Any, cpu_pla
         raise UsageError(f"provider must be one of {PROVIDERS}, got {provider!r}")
     if precision not in PRECISIONS:
         raise UsageError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    named = isinstance(cpu_plan, str) and cpu_plan in PLAN_CHOICES
+    if not (cpu_plan is None or named or isinstance(cpu_plan, CpuPlan)):
+        raise UsageError(f"cpu_plan must be one of {PLAN_CHOICES} or a CpuPlan, got {cpu_plan!r:.80}")
     if intra_op_threads is not None:
-        if cpu_plan is not None:
+        if cpu_plan not in (None, "auto"):
             raise UsageError("give either intra_op_threads or cpu_plan, not both")
         inputs.count(intra_op_threads, "intra_op_threads")

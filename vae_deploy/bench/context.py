@@ -25,12 +25,14 @@ class Unavailable(Exception):
 @dataclass
 class Backend:
     """A way to run one graph: ``prepare(x)`` returns a zero-argument step that runs one batch;
-    ``threads(batch_size)`` says how (for reports); ``peak`` names the limit it is compared with."""
+    ``threads(batch_size)`` says how (for reports); ``peak`` names the limit it is compared with;
+    ``note`` says what exactly runs (reported)."""
 
     name: str
     prepare: Callable[[np.ndarray], Callable[[], Any]]
     threads: Callable[[int], dict[str, Any]]
     peak: str = "cpu_fp32"
+    note: str = ""  # for the report: what exactly runs (which file, which CPU plan)
 
 
 @dataclass(frozen=True)

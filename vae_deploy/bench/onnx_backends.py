@@ -21,14 +21,17 @@ from vae_deploy.runtime import VAERuntime
 CUDA_DEVICE = 0
 
 
-def runtime_backend(name: str, rt: VAERuntime, graph: str) -> Backend:
-    """``rt.decode(x)`` or ``rt.encode(x)``: the runtime as an app calls it, validation included."""
+def runtime_backend(name: str, rt: VAERuntime, graph: str, source: str = "") -> Backend:
+    """``rt.decode(x)`` or ``rt.encode(x)``: the runtime as an app calls it, validation included.
+    Its note names ``source`` (where the file came from) and the CPU plan and where that came from."""
     engine = rt.engine(graph)  # opens the encoder now, not inside the first timed call
 
     def prepare(x: np.ndarray) -> Callable[[], Any]:
         return (lambda: rt.decode(x)) if graph == DECODER else (lambda: rt.encode(x))
 
-    return Backend(name, prepare, engine.settings_for)
+    plan = getattr(engine, "plan", None)
+    note = f"CPU plan {rt.plan_source.get(graph, '?')}: {plan}" if plan is not None else ""
+    return Backend(name, prepare, engine.settings_for, note="; ".join(p for p in (source, note) if p))
 
 
 def onnx_cpu(ctx: Context) -> Backend:

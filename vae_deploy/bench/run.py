@@ -18,7 +18,7 @@ from vae_deploy.bench.backends import REFERENCES, make_backend, parse_backends
 from vae_deploy.bench.budget import DEFAULT_BATCH_SIZES, QUICK_BATCH_SIZES, QUICK_BUDGET, Budget
 from vae_deploy.bench.context import Backend, Context, Unavailable, find_checkpoint
 from vae_deploy.bench.flops import GRAPHS, flops_per_sample, module_flops
-from vae_deploy.bench.int8 import INT8_MIN_K, int8_error
+from vae_deploy.bench.int8 import int8_error
 from vae_deploy.bench.machine import (
     cpu_counters,
     cpu_matmul_gflops,
@@ -123,8 +123,7 @@ def run_bench(
         "quick": quick,
         "seconds": round(time.perf_counter() - started, 1),
         "method": "round-robin per batch size; per-call perf_counter; median/p90/p99 over all timed calls",
-        "int8": f"quantize_dynamic QInt8 of the fp32 ONNX graph (matmuls with K < {INT8_MIN_K} kept "
-        "fp32) in a temporary folder, run via VAERuntime",
+        "notes": {name: b.note for name, b in ready.items() if b.note},
         "cuda": "device-resident input/output (IOBinding for onnxruntime), synchronised after each call",
         "env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
     }
@@ -228,10 +227,14 @@ def bench_batch(
 
 
 def set_fractions(rows: list[Row], limits: dict[str, Any], peaks: dict[str, str]) -> None:
-    """fraction_of_peak = achieved FLOP/s / the measured peak the backend is compared with."""
+    """fraction_of_peak = achieved FLOP/s / the measured peak the backend is compared with (its
+    precision's); CPU rows also get fraction_of_best, against the best CPU ceiling of any precision."""
+    best = peak_flops(limits, "cpu_best")
     for r in rows:
         peak = peak_flops(limits, peaks[r.backend])
         r.fraction_of_peak = r.gflop_per_s * 1e9 / peak if peak and r.gflop_per_s is not None else None
+        if best and peaks[r.backend].startswith("cpu") and r.gflop_per_s is not None:
+            r.extra["fraction_of_best"] = r.gflop_per_s * 1e9 / best
 
 
 @contextlib.contextmanager
