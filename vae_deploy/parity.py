@@ -28,7 +28,7 @@ from vae_deploy import sessions
 from vae_deploy.checkpoint import model_from_state, read_checkpoint
 from vae_deploy.config import to_dict
 from vae_deploy.contract import DECODER, ENCODER, FileEntry, Tolerance
-from vae_deploy.errors import DataError, ExportError, ProviderError, UsageError
+from vae_deploy.errors import ExportError, ProviderError, UsageError
 from vae_deploy.files import atomic_write_text, sha256_file
 from vae_deploy.manifest import check_manifest, read_verified, source_checkpoint
 from vae_deploy.model import VAE
@@ -209,24 +209,33 @@ def _backends(export_dir: Path, entry: FileEntry) -> list[_Backend]:
 
 
 def _images(n: int, model: VAE, train_config: dict | None, data_root: Any) -> tuple[torch.Tensor, str]:
-    """n real images (the checkpoint's dataset, else MNIST, from the data root) or seeded noise."""
+    """n real validation images of the checkpoint's dataset at the model's shape (MNIST for synthetic
+    or unknown data), else seeded noise, with a line saying which and why."""
+    from vae_deploy.config import DATASETS, NATIVE_SHAPES
     from vae_deploy.data import load_splits, resolve_data_root
+    from vae_deploy.errors import VaeDeployError, printable
 
     shape = tuple(model.config.image_shape)
-    root = resolve_data_root(data_root)
-    dataset = (train_config or {}).get("dataset")
-    dataset = dataset if dataset in ("mnist", "fashion-mnist") else "mnist"
+    trained = train_config or {}
+    dataset = trained.get("dataset")
+    dataset = dataset if dataset in DATASETS and dataset != "synthetic" else "mnist"
+    if dataset == "folder":  # the folder it was trained on, unless another is given
+        folder = data_root or trained.get("data_root")
+        root = Path(folder) if folder else None
+    else:
+        root = resolve_data_root(data_root)
     why = "no data root (pass --data-root or set VAE_DEPLOY_DATA)"
-    if root is not None and shape == (1, 28, 28):
+    if dataset in NATIVE_SHAPES and NATIVE_SHAPES[dataset] != shape:
+        why = f"model image shape {list(shape)} is not {dataset}'s"
+    elif root is not None or dataset == "digits":
         try:
-            splits = load_splits(dataset, root)
+            splits = load_splits(dataset, root, image_shape=shape, train_limit=n, val_limit=n)
             pool = torch.cat([splits.val_x, splits.train_x])
             reps = -(-n // len(pool))
-            return pool.repeat(reps, 1, 1, 1)[:n].contiguous(), f"{dataset} images from {root}"
-        except DataError as exc:
-            why = f"{dataset} not readable under {root}: {str(exc)[:120]}"
-    elif root is not None:
-        why = f"model image shape {list(shape)} is not MNIST's"
+            where = f" from {printable(str(root))}" if root is not None else ""
+            return pool.repeat(reps, 1, 1, 1)[:n].contiguous(), f"{dataset} images{where}"
+        except VaeDeployError as exc:
+            why = f"{dataset} not readable under {printable(str(root))}: {str(exc)[:120]}"
     g = torch.Generator().manual_seed(SEED)
     return torch.rand((n, *shape), generator=g), f"seeded uniform random images (seed {SEED}; {why})"
 
