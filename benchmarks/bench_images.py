@@ -66,7 +66,9 @@ def run(name: str, model: dict, data: dict, epochs: int, work: Path) -> dict[str
     train_raw = {"loss": "bce", "lr": 1e-3, "batch_size": 128, "epochs": epochs, "seed": 0, "device": "cpu", **data}
     model_cfg, cfg = make_configs({**model, "image_shape": [1, 28, 28]}, {**train_raw, "out": str(work / name)})
     t0 = time.perf_counter()
-    result = train(model_cfg, cfg, progress=False, log=lambda line: print(f"[{name}] {line}", flush=True))
+    result = train(
+        model_cfg, cfg, overwrite=True, progress=False, log=lambda line: print(f"[{name}] {line}", flush=True)
+    )
     return {
         "name": name,
         "model": model,

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +116,15 @@ def test_a_folder_of_rgb_images_trains_exports_verifies_samples_and_reconstructs
         assert files == sorted(files, key=os.fsencode) and list(z["classes"]) == ["cool", "warm"]
         assert z["labels"].tolist() == [0 if f.startswith("cool") else 1 for f in files]
         mu_export = z["mu"]
+    code = (  # from an export folder, encoding a folder of images needs neither torch nor onnx
+        "import sys\nfrom vae_deploy.encode import encode_dataset\n"
+        f"r = encode_dataset({str(exported)!r}, {str(tmp_path / 'light.npz')!r}, dataset='folder', "
+        f"data_root={str(photos)!r})\n"
+        "heavy = sorted(m for m in ('torch', 'onnx', 'torchvision') if m in sys.modules)\n"
+        "assert r.count == 160 and not heavy, heavy\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     from vae_deploy.encode import encode_dataset
 
     means = tmp_path / "means.npy"  # from the checkpoint (eager torch): the validation split only
@@ -123,7 +134,9 @@ def test_a_folder_of_rgb_images_trains_exports_verifies_samples_and_reconstructs
     assert np.allclose(np.load(tmp_path / "all.npy"), mu_export, atol=1e-4) and whole.count == 160
 
 
-def test_encode_refuses_bad_outputs_before_any_work(photos: Path, tmp_path: Path) -> None:
+def test_encode_refuses_bad_outputs_before_any_work(
+    photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from vae_deploy.encode import encode_dataset
     from vae_deploy.errors import UsageError
 
@@ -136,6 +149,9 @@ def test_encode_refuses_bad_outputs_before_any_work(photos: Path, tmp_path: Path
         with pytest.raises(UsageError, match=match):
             encode_dataset(tmp_path / "no-model", out, data_root=photos, **extra)
     assert not list(tmp_path.glob("z.*"))
+    code = main(["encode", str(tmp_path / "no-model"), "--out", str(tmp_path / "z.npy")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "no such model" in err
 
 
 def test_views_of_64x64_colour_images_stay_readable(tmp_path: Path) -> None:
@@ -156,9 +172,9 @@ def test_views_of_64x64_colour_images_stay_readable(tmp_path: Path) -> None:
         name="rgb64",
         kind="checkpoint",
     )
-    out = viz.latent_map(source, tmp_path / "map.png", dataset="synthetic", limit=50, grid=3)
-    with Image.open(out) as im:
-        assert im.size[0] >= 3 * 64  # the manifold panel holds three tiles of 64 pixels at least
+    out = viz.latent_map(source, tmp_path / "map.png", dataset="synthetic", limit=50, grid=8)
+    with Image.open(out) as im:  # the manifold panel beside the scatter is as wide as 8 images of 64 pixels
+        assert im.size[0] >= viz.MAP_INCHES[0] * DPI + 8 * 64
     vary = viz.vary(source, tmp_path / "vary.png", dataset="synthetic", n=2)
     with Image.open(vary) as im:
         w, h = im.size

@@ -25,6 +25,7 @@ import numpy as np
 
 from vae_deploy.errors import UsageError, printable
 from vae_deploy.figures import (
+    DPI,
     check_channels,
     check_figure,
     check_tiles,
@@ -54,7 +55,8 @@ CHUNK = 1000  # rows per encode/decode call: bounds the model's working memory
 MAX_SEED = 2**32 - 1  # numpy and scikit-learn seeds
 MAX_VALIDATION = 10_000  # the largest validation split of the datasets here (MNIST's test set)
 CLASSES = 10  # rows of ``vary``: one per class (a seeded choice of ten where there are more)
-MAP_FIGURE_INCHES = {True: (9.0, 4.0), False: (5.6, 4.6)}  # latent-map figure, by "2-D latent"
+MAP_INCHES = (5.6, 4.6)  # latent-map's scatter panel (the whole figure above 2-D)
+MANIFOLD_MIN_INCHES = 3.6  # the decoded manifold's side at least; one figure pixel per image pixel above
 
 
 # --- the model source ---------------------------------------------------------------------------
@@ -344,13 +346,23 @@ def vary(
     return save(grid_figure(rows, row_labels, title, cols), out)
 
 
+def map_inches(image_shape: tuple[int, int, int], grid: int | None) -> tuple[float, float]:
+    """latent-map's figure size: the scatter panel, and for a 2-D latent the decoded manifold beside
+    it, large enough to show each decoded image at its own size (a 20 x 20 grid of 64x64 images is
+    1,280 pixels a side) so that large images are not shrunk into a blur."""
+    if grid is None:
+        return MAP_INCHES
+    side = max(MANIFOLD_MIN_INCHES, grid * max(image_shape[1:]) / DPI)
+    return MAP_INCHES[0] + side + 0.9, max(MAP_INCHES[1] - 0.6, side + 1.2)  # + room for ticks and labels
+
+
 def _map_bytes(source: Source, images: int, grid: int | None) -> int:
     """latent-map's peak: the images mapped (encoded in chunks), their embedding (t-SNE keeps ~90
     neighbours a point), and for a 2-D latent the decoded manifold, its mosaic and the figure."""
     need = _image_bytes(source, min(images, CHUNK)) * 8 + images * (8 * source.latent_dim + 3 * 8 * 91)
     if grid is not None:
         need += _decode_bytes(source, grid * grid) + mosaic_bytes(grid, grid, source.image_shape, pad=0)
-    return need + figure_bytes(*MAP_FIGURE_INCHES[grid is not None])
+    return need + figure_bytes(*map_inches(source.image_shape, grid))
 
 
 def latent_map(
@@ -381,12 +393,15 @@ def latent_map(
     if two_d:
         check_tiles("grid", grid, grid)
     what = f"latent-map --limit {images}" + (f" --grid {grid}" if two_d else "")
+    check_figure(*map_inches(source.image_shape, grid if two_d else None), what)
     require_memory(_map_bytes(source, images, grid if two_d else None), what, "use a smaller --limit or --grid")
     x, y, classes = _validation(source, dataset, data_root, limit)
     mu, _ = source.encode(x)
     xy, how = embed_2d(mu, how, seed)
-    fig = new_figure(*MAP_FIGURE_INCHES[two_d])
-    ax = fig.add_subplot(1, 2, 1) if two_d else fig.add_subplot()
+    inches = map_inches(source.image_shape, grid if two_d else None)
+    fig = new_figure(*inches)
+    panels = fig.add_gridspec(1, 2, width_ratios=[MAP_INCHES[0], inches[0] - MAP_INCHES[0]]) if two_d else None
+    ax = fig.add_subplot(panels[0], box_aspect=1) if panels is not None else fig.add_subplot()
     _scatter_by_label(fig, ax, xy, y, classes)
     ax.set_xlabel(f"{how} 1" if how != "z" else "z1")
     ax.set_ylabel(f"{how} 2" if how != "z" else ("z2" if d == 2 else ""))
@@ -395,7 +410,7 @@ def latent_map(
         z, q = manifold_latents(grid)
         tiles = source.decode(z)
         rows = [tiles[r * grid : (r + 1) * grid] for r in range(grid)]
-        ax2 = fig.add_subplot(1, 2, 2)
+        ax2 = fig.add_subplot(panels[1])
         labels = [f"{v:.2f}" for v in q]
         # antialiased: the mosaic is shrunk to fit, and nearest-neighbour shrinking aliases
         draw_grid(ax2, rows, labels[::-1], labels, pad=0, every=max(1, grid // 6), interpolation="antialiased")
