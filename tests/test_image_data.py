@@ -111,7 +111,7 @@ def test_folder_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     (junk / "x.png").write_bytes(b"nope")
     with pytest.raises(DataError, match="none of the 1 image files"):
         load_splits("folder", junk, image_shape=(1, 8, 8))
-    with pytest.raises(ConfigError, match="image shape"):
+    with pytest.raises(ConfigError, match="image_shape is needed for dataset folder"):
         from vae_deploy.config import make_configs
 
         make_configs({}, {"dataset": "folder"})
@@ -253,3 +253,19 @@ def test_celeba_layout_uses_its_partition_file(tmp_path: Path) -> None:
     s = load_splits("celeba", tmp_path, image_shape=(3, 16, 16), as_float=False)
     assert (len(s.train_x), len(s.val_x)) == (5, 2) and "train (5) / validation (2)" in s.note
     assert abs(int(s.val_x[0, 0, 8, 8]) - 120) <= 4  # 000006.jpg: the first validation image
+
+
+def test_encode_a_folder_with_odd_names_from_a_checkpoint(mixed: Path, tmp_path: Path) -> None:
+    """Defaults come from the checkpoint (dataset folder, its folder); a non-UTF-8 name survives."""
+    from vae_deploy.checkpoint import save_checkpoint
+    from vae_deploy.config import ModelConfig, TrainConfig
+    from vae_deploy.encode import encode_dataset
+    from vae_deploy.model import VAE
+
+    cfg = ModelConfig(arch="resconv", image_shape=(3, 16, 16), conv_channels=(4,), latent_dim=3)
+    ckpt = save_checkpoint(tmp_path / "m.pt", VAE(cfg), TrainConfig(dataset="folder", data_root=str(mixed)))
+    result = encode_dataset(ckpt, tmp_path / "z.npz", batch_size=3)
+    assert (result.count, result.skipped, result.latent_shape) == (7, 1, (3,))
+    with np.load(tmp_path / "z.npz") as z:
+        assert os.path.join("dogs", os.fsdecode(b"\xff\xfe.png")) in list(z["files"])
+        assert z["mu"].shape == (7, 3) and list(z["classes"]) == ["cats", "dogs"]

@@ -77,6 +77,7 @@ def test_resconv_shapes_crop_and_batch_independence() -> None:
     assert any(isinstance(m, torch.nn.GroupNorm) for m in model.decoder.modules())
 
 
+@pytest.mark.slow  # ~15 s idle, ~30 s on 2 loaded cores: the acceptance test of the feature, run by default
 def test_a_folder_of_rgb_images_trains_exports_verifies_samples_and_reconstructs(
     photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -89,6 +90,13 @@ def test_a_folder_of_rgb_images_trains_exports_verifies_samples_and_reconstructs
     assert "160 images, 2 classes" in out and "144 train / 16 validation" in out
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["val_loss"] < rows[0]["val_loss"], [r["val_loss"] for r in rows]
+    from vae_deploy.checkpoint import load_checkpoint  # both files' indexes know the resconv tensors
+
+    pt, st = (
+        load_checkpoint(run / "checkpoint.pt").state_dict(),
+        load_checkpoint(run / "model.safetensors").state_dict(),
+    )
+    assert pt.keys() == st.keys() and all(torch.equal(pt[k], st[k]) for k in pt)
 
     _run(["export", str(run / "checkpoint.pt"), "--out", str(exported), "--formats", "onnx"], capsys)
     out = _run(["verify", str(exported), "--data-root", str(photos), "--batch-sizes", "1,7"], capsys)
@@ -181,3 +189,54 @@ def test_views_of_64x64_colour_images_stay_readable(tmp_path: Path) -> None:
         assert w >= 3 * 64 and h >= 10 * 64
         rgb = np.asarray(im.convert("RGB")).astype(int)
     assert (rgb[..., 0] - rgb[..., 2] > 80).mean() > 0.2
+
+
+def test_views_of_an_unlabelled_folder(tmp_path: Path) -> None:
+    """No subfolders, so no labels: vary shows one row per image, interpolate picks two images."""
+    from vae_deploy import viz
+
+    rng = np.random.default_rng(1)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(tmp_path / f"{i:02d}.png")
+    source = viz.Source(
+        encode=lambda x: (x.reshape(len(x), -1)[:, :3].copy(), np.zeros((len(x), 3), np.float32)),
+        decode=lambda z: np.repeat(z[:, :, None, None], 8, axis=2).repeat(8, axis=3).clip(0, 1),
+        latent_dim=3,
+        image_shape=(3, 8, 8),
+        name="flat",
+        kind="checkpoint",
+        dataset="folder",
+        data_root=str(tmp_path),
+    )
+    x, y = viz.validation_set(source, None, None)  # the folder it was trained on, at the model's shape
+    assert x.shape == (4, 3, 8, 8) and set(y.tolist()) == {0}
+    assert viz.vary(source, tmp_path / "vary.png", n=2).is_file()
+    assert viz.interpolate(source, tmp_path / "interp.png", steps=3).is_file()
+    assert viz.latent_map(source, tmp_path / "map.png", method="pca").is_file()
+
+
+def test_vary_shows_ten_of_many_classes_by_name(tmp_path: Path) -> None:
+    from vae_deploy import viz
+
+    rng = np.random.default_rng(2)
+    for k in range(15):
+        (tmp_path / f"class-{k:02d}").mkdir()
+        for i in range(20):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(tmp_path / f"class-{k:02d}" / f"{i}.png")
+    source = viz.Source(
+        encode=lambda x: (x.reshape(len(x), -1)[:, :2].copy(), np.zeros((len(x), 2), np.float32)),
+        decode=lambda z: np.full((len(z), 1, 8, 8), 0.5, np.float32),
+        latent_dim=2,
+        image_shape=(1, 8, 8),
+        name="many",
+        kind="checkpoint",
+        dataset="folder",
+        data_root=str(tmp_path),
+    )
+    x, y = viz.validation_set(source, None, None)
+    assert len(np.unique(y)) > 10
+    from vae_deploy.figures import DPI, grid_figure_inches
+
+    with Image.open(viz.vary(source, tmp_path / "vary.png", n=1)) as im:  # ten rows, not fifteen
+        assert im.size[1] == round(grid_figure_inches(10, 2, (1, 8, 8))[1] * DPI)
+    assert viz.latent_map(source, tmp_path / "map.png", grid=4).is_file()  # a continuous colour map

@@ -23,6 +23,7 @@ _LAZY = {
     "train": "vae_deploy.training",
     "export": "vae_deploy.export",
     "verify": "vae_deploy.parity",
+    "encode_dataset": "vae_deploy.encode",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -286,14 +286,14 @@ def make_configs(
     and ``celeba`` images are resized to the shape asked for, so they need one.
     """
     train_cfg = _build(TrainConfig, train or {}, "[train]")
-    model = dict(model or {})
-    if "image_shape" not in model:
+    model = model or {}
+    if isinstance(model, dict) and "image_shape" not in model:
         if train_cfg.dataset in NATIVE_SHAPES:
-            model["image_shape"] = NATIVE_SHAPES[train_cfg.dataset]
+            model = {**model, "image_shape": NATIVE_SHAPES[train_cfg.dataset]}
         elif train_cfg.dataset in ("folder", "celeba"):
             raise ConfigError(
-                f"dataset {train_cfg.dataset} is resized to the model's image shape: give one "
-                "(--image-shape C,H,W or image_shape = [C, H, W] in [model]; e.g. 3,64,64)"
+                f"bad value in [model]: image_shape is needed for dataset {train_cfg.dataset}, whose images are "
+                "resized to it (--image-shape C,H,W or image_shape = [C, H, W]; e.g. 3,64,64)"
             )
     return _build(ModelConfig, model, "[model]"), train_cfg
 
