@@ -24,6 +24,7 @@ _LAZY = {
     "export": "vae_deploy.export",
     "export_modules": "vae_deploy.export_modules",
     "verify": "vae_deploy.parity",
+    "encode_dataset": "vae_deploy.encode",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

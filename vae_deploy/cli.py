@@ -20,7 +20,10 @@ from vae_deploy.contract import GRAPHS
 from vae_deploy.errors import VaeDeployError, first_line, missing_extra
 from vae_deploy.viz import MAP_METHODS
 
-DATA_ROOT_HELP = "torchvision-style data root (ROOT/MNIST/raw/...); default: $VAE_DEPLOY_DATA"
+DATA_ROOT_HELP = (
+    "torchvision-style data root (ROOT/MNIST/raw/..., ROOT/cifar-10-batches-py, ROOT/celeba), or the folder of "
+    "images for --dataset folder; default: $VAE_DEPLOY_DATA"
+)
 
 
 def _csv_ints(value: str | None) -> tuple[int, ...] | None:
@@ -50,6 +53,9 @@ def cli(debug: bool) -> None:
 @click.option("--arch", type=click.Choice(ARCHS))
 @click.option("--latent-dim", type=int)
 @click.option("--hidden", help="MLP hidden sizes, comma-separated (e.g. 400 or 512,256).")
+@click.option("--conv-channels", help="conv/resconv channels per stride-2 level, comma-separated (e.g. 32,64,128).")
+@click.option("--res-blocks", type=int, help="resconv: residual blocks per level.")
+@click.option("--image-shape", help="Model input C,H,W (1 gray or 3 RGB); folder and celeba images are resized to it.")
 @click.option("--activation", type=click.Choice(ACTIVATIONS))
 @click.option("--epochs", type=int)
 @click.option("--batch-size", type=int)
@@ -75,9 +81,10 @@ def train(recipe: str | None, resume: bool, progress: bool | None, **opts: Any) 
     from vae_deploy.training import train as run_training
 
     model_raw, train_raw = load_recipe(recipe) if recipe else ({}, {})
-    model_keys = {"arch", "latent_dim", "hidden", "activation"}
-    if opts.get("hidden") is not None:
-        opts["hidden"] = _csv_ints(opts["hidden"])
+    model_keys = {"arch", "latent_dim", "hidden", "activation", "conv_channels", "res_blocks", "image_shape"}
+    for key in ("hidden", "conv_channels", "image_shape"):
+        if opts.get(key) is not None:
+            opts[key] = _csv_ints(opts[key])
     for key, value in opts.items():
         if value is not None:
             (model_raw if key in model_keys else train_raw)[key] = value
@@ -265,6 +272,51 @@ def curves(run_dir: str, out: str) -> None:
     from vae_deploy import viz
 
     _wrote(viz.curves(run_dir, out))
+
+
+# --- encode -------------------------------------------------------------------------------------
+
+
+@cli.command(epilog=_SOURCE_HELP)
+@click.argument("model", type=click.Path())
+@click.option("--out", required=True, help=".npz (mu, logvar, labels, classes, files|index) or .npy (means only).")
+@click.option(
+    "--dataset",
+    type=click.Choice(DATASETS),
+    help="What to encode (default: what the model was trained on, else folder).",
+)
+@click.option("--data-root", help=DATA_ROOT_HELP)
+@click.option("--split", type=click.Choice(["all", "train", "val"]), default="all", show_default=True)
+@click.option("--logvar-out", help="With --out X.npy: also write the log-variances to this .npy file.")
+@click.option("--batch-size", default=256, show_default=True, type=int, help="Images per encoder call.")
+@click.option(
+    "--provider",
+    type=click.Choice(DEVICES),
+    default="auto",
+    show_default=True,
+    help="onnxruntime provider (export folders only).",
+)
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a TTY).")
+def encode(model: str, progress: bool | None, **opts: Any) -> None:
+    """Encode a dataset (e.g. a folder of images) to posterior means and log-variances.
+
+    Streams in batches (bounded memory); rows follow the file order; the output is written atomically.
+    """
+    from tqdm import tqdm
+
+    from vae_deploy.encode import encode_dataset
+
+    show = sys.stderr.isatty() if progress is None else progress
+    with tqdm(unit="img", disable=not show, leave=False) as bar:
+        result = encode_dataset(model, progress=bar.update, **opts)
+    click.echo(f"data: {result.note}")
+    from vae_deploy.errors import printable
+
+    also = f" and logvars to {printable(str(result.logvar_path))}" if result.logvar_path else ""
+    click.echo(
+        f"wrote {result.count:,} latents {list(result.latent_shape)} to {printable(str(result.path))}{also}: "
+        f"{result.seconds:.1f} s, {result.images_per_second:,.0f} images/s"
+    )
 
 
 # --- evaluate -----------------------------------------------------------------------------------

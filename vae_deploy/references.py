@@ -25,7 +25,7 @@ from torch import nn
 
 from vae_deploy.adapters import DecoderGraph, EncoderGraph, outputs
 from vae_deploy.contract import DECODER, ENCODER, IMAGE, LATENT, LOGVAR, MEAN, RECON, Manifest, ModelSpec
-from vae_deploy.errors import DataError, ExportError, UsageError
+from vae_deploy.errors import ExportError, UsageError
 
 DEFAULT_BATCH_SIZES = (1, 7, 256)  # our own (small) models
 MODULE_BATCH_SIZES = (1, 3)  # any other VAE: at every size
@@ -95,23 +95,35 @@ def smooth_images(n: int, shape: Sequence[int], value_range: tuple[float, float]
     return (lo + (hi - lo) * unit.clamp(0.0, 1.0)).contiguous()
 
 
-def mnist_images(n: int, shape: tuple[int, ...], dataset: Any, data_root: Any) -> tuple[torch.Tensor, str]:
-    """n real images (the checkpoint's dataset, else MNIST, from the data root) or seeded noise."""
+def dataset_images(
+    n: int, shape: tuple[int, ...], train_config: dict | None, data_root: Any
+) -> tuple[torch.Tensor, str]:
+    """n real validation images of the checkpoint's dataset at the model's shape (MNIST for synthetic
+    or unknown data), else seeded noise, with a line saying which and why."""
+    from vae_deploy.config import DATASETS, NATIVE_SHAPES
     from vae_deploy.data import load_splits, resolve_data_root
+    from vae_deploy.errors import VaeDeployError, printable
 
-    root = resolve_data_root(data_root)
-    dataset = dataset if dataset in ("mnist", "fashion-mnist") else "mnist"
+    trained = train_config or {}
+    dataset = trained.get("dataset")
+    dataset = dataset if dataset in DATASETS and dataset != "synthetic" else "mnist"
+    if dataset == "folder":  # the folder it was trained on, unless another is given
+        folder = data_root or trained.get("data_root")
+        root = Path(folder) if folder else None
+    else:
+        root = resolve_data_root(data_root)
     why = "no data root (pass --data-root or set VAE_DEPLOY_DATA)"
-    if root is not None and shape == (1, 28, 28):
+    if dataset in NATIVE_SHAPES and NATIVE_SHAPES[dataset] != shape:
+        why = f"model image shape {list(shape)} is not {dataset}'s"
+    elif root is not None or dataset == "digits":
         try:
-            splits = load_splits(dataset, root)
+            splits = load_splits(dataset, root, image_shape=shape, train_limit=n, val_limit=n)
             pool = torch.cat([splits.val_x, splits.train_x])
             reps = -(-n // len(pool))
-            return pool.repeat(reps, 1, 1, 1)[:n].contiguous(), f"{dataset} images from {root}"
-        except DataError as exc:
-            why = f"{dataset} not readable under {root}: {str(exc)[:120]}"
-    elif root is not None:
-        why = f"model image shape {list(shape)} is not MNIST's"
+            where = f" from {printable(str(root))}" if root is not None else ""
+            return pool.repeat(reps, 1, 1, 1)[:n].contiguous(), f"{dataset} images{where}"
+        except VaeDeployError as exc:
+            why = f"{dataset} not readable under {printable(str(root))}: {str(exc)[:120]}"
     g = torch.Generator().manual_seed(SEED)
     return torch.rand((n, *shape), generator=g), f"seeded uniform random images (seed {SEED}; {why})"
 
@@ -130,7 +142,7 @@ def checkpoint_reference(
     sizes = check_batch_sizes(batch_sizes)
     model = model.eval().cpu()
     spec = ModelSpec((model.latent_dim,), tuple(model.config.image_shape))
-    images, desc = mnist_images(max(sizes), spec.image_shape, (train_config or {}).get("dataset"), data_root)
+    images, desc = dataset_images(max(sizes), tuple(spec.image_shape), train_config, data_root)
     cases = [Case(b, None, images[:b]) for b in sizes]
     return Reference(model.encoder, model.decoder, spec, cases, desc)
 

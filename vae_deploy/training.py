@@ -32,7 +32,7 @@ from vae_deploy.checkpoint import (
     save_safetensors,
 )
 from vae_deploy.config import ModelConfig, TrainConfig, to_dict
-from vae_deploy.data import Splits, load_splits
+from vae_deploy.data import Splits, load_splits, to_unit_float
 from vae_deploy.errors import (
     CheckpointError,
     ConfigError,
@@ -128,7 +128,7 @@ def evaluate_split(
     gen = torch.Generator(device=device).manual_seed(seed)
     sums = {"loss": 0.0, "recon": 0.0, "kl": 0.0, "nelbo": 0.0}
     for i in range(0, len(x), batch_size):
-        xb = x[i : i + batch_size].to(device)
+        xb = to_unit_float(x[i : i + batch_size].to(device))
         out = model(xb, sample=True, generator=gen)
         terms = elbo_loss(out.logits, xb, out.kl, cfg.loss, cfg.beta, cfg.alpha)
         for k in sums:
@@ -330,6 +330,8 @@ def train(
             download=cfg.download,
             train_limit=cfg.train_limit,
             val_limit=cfg.val_limit,
+            image_shape=model_cfg.image_shape,
+            as_float=False,  # uint8 stays uint8 (a quarter of the memory); each batch is converted
         )
     log(f"data: {splits.note}")
     if tuple(splits.train_x.shape[1:]) != model_cfg.image_shape:
@@ -406,7 +408,7 @@ def train(
                     p.seconds = seconds_before + time.perf_counter() - t0
                     checkpoint()
                     raise TrainingInterrupted(ckpt_path)
-                xb = train_x[order[b].to(device)]
+                xb = to_unit_float(train_x[order[b].to(device)])
                 out_ = model(xb, generator=eps_gen)
                 terms = elbo_loss(out_.logits, xb, out_.kl, cfg.loss, cfg.beta, cfg.alpha)
                 loss_value = float(terms.loss.detach())
