@@ -16,12 +16,17 @@ defaults on a local Ray over all this machine's CPUs: one single-thread actor pe
 before the rounds, and its start is reported apart (``cluster_start_s``); each Ray run still starts
 its actors, which the end-to-end figure includes.
 
-Figures per run: ``steady`` = samples/s between the moment 10% of the rows were written and the
-end (actor start and warm-up excluded), ``end_to_end`` = n / the whole write, and the peak memory
-of this process and all its descendants (the Ray processes: raylet, GCS, workers), as the sum of
-their proportional set sizes (PSS, so shared memory is counted once), sampled every 0.2 s.
-``cpu_other_cores``: cores that processes outside this tree used meanwhile (a quiet run is ~0).
-The target (issue 13): Ray's steady throughput at least 80% of the better local one.
+Each run is a fresh child process (no torch, no memory left over from another run); a Ray run's
+child starts its own local Ray over all CPUs (``cluster_start_s``, excluded from the figures) and
+shuts it down after. Figures per run: ``steady`` = samples/s between the moment 10% of the rows
+were written and the end (actor start and warm-up excluded), ``end_to_end`` = n / the whole write
+(actor start included), and the memory of the child and all its descendants (for Ray: raylet, GCS,
+agents, workers, the object store's pages), as the sum of their proportional set sizes (PSS:
+shared memory counted once), sampled every 0.2 s: its peak in each quarter of the rows written
+(flat quarters: memory does not grow with n); ``peak_rss_sum`` adds their resident sizes instead
+(shared pages counted once per process). ``cpu_other_cores``: cores that processes outside
+the child's tree used meanwhile (a quiet run is ~0). The target (issue 13): Ray's steady
+throughput at least 80% of the better local one.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import argparse
 import json
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -38,12 +44,15 @@ from pathlib import Path
 from typing import Any
 
 from vae_deploy import bench
+from vae_deploy.engines import cpu_count
 from vae_deploy.ray_sampling import RayOptions, import_ray, write_shards_ray
+from vae_deploy.shard_index import default_shard_rows
 from vae_deploy.shards import read_index, write_shards
 
 HERE = Path(__file__).resolve().parent
 TARGET = 0.8
 TICK = 0.2
+RUNS = ("local", "ray", "local-b4096")
 
 
 # --- process-tree memory and CPU ---------------------------------------------------------------------
@@ -70,41 +79,47 @@ def _tree(root: int) -> list[int]:
     return out
 
 
-def _pss_and_ticks(pid: int) -> tuple[int, int] | None:
+def _memory_and_ticks(pid: int) -> tuple[int, int, int] | None:
+    """(PSS bytes, RSS bytes, CPU ticks) of a process, None if it is gone."""
     try:
-        pss = 0
+        mem = {"Pss:": 0, "Rss:": 0}
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                pss = int(line.split()[1]) * 1024
+            key = line.split(" ", 1)[0]
+            if key in mem:
+                mem[key] = int(line.split()[1]) * 1024
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return pss, int(fields[11]) + int(fields[12])  # utime + stime
+        return mem["Pss:"], mem["Rss:"], int(fields[11]) + int(fields[12])  # utime + stime
     except (OSError, ValueError, IndexError):
         return None  # gone meanwhile
 
 
 class TreeMonitor:
-    """Samples the PSS (peak) and CPU ticks of this process (``tree``: and its descendants), and
-    the machine's busy time, so the CPU others took meanwhile can be told apart."""
+    """Samples the PSS (peak) and CPU ticks of this process and its descendants, and the machine's
+    busy time, so the CPU others took meanwhile can be told apart."""
 
-    def __init__(self, tree: bool) -> None:
+    def __init__(self) -> None:
         import os
 
-        self.root, self.tree, self.peak, self.first, self.last = os.getpid(), tree, 0, {}, {}
+        self.root, self.peak, self.peak_rss, self.first, self.last = os.getpid(), 0, 0, {}, {}
+        self.samples: list[tuple[float, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.tick_s = 1 / os.sysconf("SC_CLK_TCK")
 
     def _sample(self) -> None:
-        total = 0
-        for pid in _tree(self.root) if self.tree else [self.root]:
-            got = _pss_and_ticks(pid)
+        total = rss_total = 0
+        for pid in _tree(self.root):
+            got = _memory_and_ticks(pid)
             if got is None:
                 continue
-            pss, ticks = got
+            pss, rss, ticks = got
             total += pss
+            rss_total += rss
             self.first.setdefault(pid, ticks)
             self.last[pid] = ticks
         self.peak = max(self.peak, total)
+        self.peak_rss = max(self.peak_rss, rss_total)
+        self.samples.append((time.perf_counter(), total))
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -143,7 +158,7 @@ def wait_quiet(max_other: float, seconds: float) -> float:
 # --- runs -------------------------------------------------------------------------------------------
 
 
-def _timed(fn, n: int, tree: bool) -> tuple[Any, dict[str, Any]]:
+def _timed(fn, n: int) -> tuple[Any, dict[str, Any]]:
     marks: list[tuple[float, int]] = []
     done = 0
 
@@ -152,18 +167,26 @@ def _timed(fn, n: int, tree: bool) -> tuple[Any, dict[str, Any]]:
         done += k
         marks.append((time.perf_counter(), done))
 
-    with TreeMonitor(tree) as mon:
+    with TreeMonitor() as mon:
         began = time.perf_counter()
         result = fn(progress)
         ended = time.perf_counter()
     t10, rows10 = next((t, r) for t, r in marks if r >= 0.1 * n)
     steady = (n - rows10) / (ended - t10) if ended > t10 else None
+    quarters = []
+    for q in range(4):
+        lo = next((t for t, r in marks if r >= q * n / 4), began) if q else began
+        hi = next((t for t, r in marks if r >= (q + 1) * n / 4), ended)
+        inside = [m for t, m in mon.samples if lo <= t <= hi + TICK] or [mon.peak]
+        quarters.append(round(max(inside) / 2**20))
     figures = {
         "steady_samples_per_s": round(steady) if steady else None,
         "end_to_end_samples_per_s": round(n / (ended - began)),
         "seconds": round(ended - began, 2),
         "first_rows_after_s": round(marks[0][0] - began, 2) if marks else None,
         "peak_memory_mib": round(mon.peak / 2**20, 1),
+        "peak_memory_by_quarter_mib": quarters,
+        "peak_rss_sum_mib": round(mon.peak_rss / 2**20, 1),
         "cpu_our_cores": mon.our_cores,
         "cpu_other_cores": mon.other_cores,
     }
@@ -185,25 +208,27 @@ def make_export(work: Path) -> Path:
 
 def render(report: dict[str, Any]) -> str:
     m, s = report["machine"], report["summary"]
+    starts = ", ".join(f"{v:.1f}" for v in report["cluster_start_s"])
     lines = [
         f"# Shards: Ray Data vs one process ({m['cpu']}, {m['cpus']} CPUs)",
         "",
         f"n = {report['n']:,} samples of [1, 28, 28] float32 (MLP 20-400-784 decoder, provider cpu), "
-        f"{report['shards']} shards of {report['shard_rows']:,} rows, every run's shards identical "
-        f"({'yes' if report['identical'] else 'NO'}). `python benchmarks/bench_shards.py"
+        f"{report['shards']} shards of {report['shard_rows']:,} rows; every run's shards identical: "
+        f"{'yes' if report['identical'] else 'NO'}. `python benchmarks/bench_shards.py"
         f"{' --n ' + str(report['n']) if report['n'] != 1_000_000 else ''}`, {m['started']}.",
         "",
-        f"Ray local cluster start (excluded below): {report['cluster_start_s']:.1f} s; Ray plan: {report['ray_plan']}.",
+        f"Ray: a local cluster over the {m['cpus']} CPUs, started in {starts} s (excluded below); "
+        f"plan {report['ray_plan']}.",
         "",
-        "| round | run | steady samples/s | end-to-end samples/s | s | first rows after s | peak memory MiB "
-        "| our cores | other cores |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| round | run | steady samples/s | end-to-end samples/s | s | first rows after s "
+        "| peak PSS MiB per quarter of the rows | peak RSS sum MiB | our cores | other cores |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
     ]
     for r in report["runs"]:
         lines.append(
             f"| {r['round']} | {r['run']} | {r['steady_samples_per_s']:,} | {r['end_to_end_samples_per_s']:,} "
-            f"| {r['seconds']} | {r['first_rows_after_s']} | {r['peak_memory_mib']} | {r['cpu_our_cores']} "
-            f"| {r['cpu_other_cores']} |"
+            f"| {r['seconds']} | {r['first_rows_after_s']} | {' / '.join(map(str, r['peak_memory_by_quarter_mib']))} "
+            f"| {r['peak_rss_sum_mib']} | {r['cpu_our_cores']} | {r['cpu_other_cores']} |"
         )
     lines += [
         "",
@@ -215,75 +240,93 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def child(name: str, n: int, export: Path, out: Path) -> dict[str, Any]:
+    """One run in this (fresh) process; a Ray run starts and stops its own local Ray."""
+    if name != "ray":
+        batch = 4096 if name == "local-b4096" else None
+
+        def fn(progress):
+            return write_shards(export, n, out, seed=0, provider="cpu", batch_size=batch, progress=progress)
+
+        _, figures = _timed(fn, n)
+        return {**figures, "hashes": [e.sha256 for e in read_index(out).shards]}
+    ray = import_ray()
+    began = time.perf_counter()
+    ray.init(address="local", num_cpus=cpu_count(), include_dashboard=False, log_to_driver=False)
+    cluster_start = time.perf_counter() - began
+    try:
+
+        def fn(progress):
+            return write_shards_ray(export, n, out, seed=0, provider="cpu", options=RayOptions(), progress=progress)
+
+        result, figures = _timed(fn, n)
+    finally:
+        ray.shutdown()
+    plan = {k: result.details[k] for k in ("workers", "actor_num_cpus", "threads_per_worker", "batch_size")}
+    hashes = [e.sha256 for e in read_index(out).shards]
+    return {**figures, "cluster_start_s": round(cluster_start, 2), "plan": plan, "hashes": hashes}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--export-dir")
-    parser.add_argument("--work", help="folder for the shards (default: a temp folder; ~2 x n x 3 KB)")
+    parser.add_argument("--work", help="folder for the shards (default: a temp folder; n x 3 KB at a time)")
     parser.add_argument("--results", default=str(HERE / "results"))
     parser.add_argument("--wait-quiet", type=float, default=120, help="wait up to S s for a quiet machine per run")
     parser.add_argument("--max-other", type=float, default=0.3, help="cores others may use for 'quiet'")
+    parser.add_argument("--child", choices=RUNS, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child, args.n, Path(args.export_dir), Path(args.out))), flush=True)
+        return 0
 
     machine = bench.machine_info()
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-shards-"))
     export = Path(args.export_dir) if args.export_dir else make_export(work)
-    ray = import_ray()
-    began = time.perf_counter()
-    ray.init(address="local", num_cpus=machine["cpus"], include_dashboard=False, log_to_driver=False)
-    cluster_start = time.perf_counter() - began
-    runs, hashes, identical, plan = [], None, True, None
+    runs, hashes, identical, plan, starts = [], None, True, None, []
     try:
         for round_ in range(1, args.rounds + 1):
-            for name in ("local", "ray", "local-b4096"):
+            for name in RUNS:
                 out = work / f"shards-{name}"
                 shutil.rmtree(out, ignore_errors=True)
-                if name == "ray":
-
-                    def fn(progress, out=out):
-                        return write_shards_ray(
-                            export, args.n, out, seed=0, provider="cpu", options=RayOptions(), progress=progress
-                        )
-                else:
-                    batch = 4096 if name == "local-b4096" else None
-
-                    def fn(progress, out=out, batch=batch):
-                        return write_shards(
-                            export, args.n, out, seed=0, provider="cpu", batch_size=batch, progress=progress
-                        )
-
-                wait_quiet(args.max_other, args.wait_quiet)
-                result, figures = _timed(fn, args.n, tree=name == "ray")
-                if name == "ray":
-                    keys = ("workers", "actor_num_cpus", "threads_per_worker", "batch_size")
-                    plan = {k: result.details[k] for k in keys}
-                index = read_index(out)
-                got = [e.sha256 for e in index.shards]
-                hashes = hashes or got
-                identical &= got == hashes
-                runs.append({"round": round_, "run": name, **figures})
-                print(json.dumps(runs[-1]), flush=True)
+                busy = wait_quiet(args.max_other, args.wait_quiet)
+                cmd = [sys.executable, __file__, "--child", name, "--n", str(args.n), "--export-dir", str(export)]
+                done = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True)
                 shutil.rmtree(out, ignore_errors=True)
+                if done.returncode != 0:
+                    print(done.stderr[-3000:], file=sys.stderr)
+                    return 1
+                got = json.loads(done.stdout.strip().splitlines()[-1])
+                hashes = hashes or got["hashes"]
+                identical &= got.pop("hashes") == hashes
+                if name == "ray":
+                    plan = got.pop("plan")
+                    starts.append(got.pop("cluster_start_s"))
+                runs.append({"round": round_, "run": name, "others_before": busy, **got})
+                print(json.dumps(runs[-1]), flush=True)
     finally:
-        ray.shutdown()
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
 
     def median(name: str, key: str = "steady_samples_per_s") -> int:
         return round(statistics.median(r[key] for r in runs if r["run"] == name))
 
-    summary = {name: median(name) for name in ("local", "local-b4096", "ray")}
+    summary = {name: median(name) for name in RUNS}
     summary["ratio"] = summary["ray"] / max(summary["local"], summary["local-b4096"])
     summary["met"] = summary["ratio"] >= TARGET
     summary["ray_end_to_end"] = median("ray", "end_to_end_samples_per_s")
+    shard_rows = default_shard_rows(4 * 28 * 28)
     report = {
         "benchmark": "shards",
         "n": args.n,
-        "shard_rows": index.spec.shard_rows,
-        "shards": len(index.shards),
+        "export": "given" if args.export_dir else "fresh",
+        "shard_rows": shard_rows,
+        "shards": -(-args.n // shard_rows),
         "identical": identical,
-        "cluster_start_s": round(cluster_start, 2),
+        "cluster_start_s": starts,
         "ray_plan": plan,
         "machine": machine,
         "runs": runs,

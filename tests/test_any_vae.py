@@ -195,6 +195,20 @@ def test_runtime_samples_encodes_and_decodes_any_size(kl_export: Path):
         rt.encode(np.full((1, 3, 6, 6), 2.0, np.float32))
 
 
+def test_bench_runs_on_an_any_size_export(tiny_export: Path):
+    from vae_deploy.bench import Budget, format_table, run_bench
+
+    tiny = Budget(warmup_s=0.005, round_s=0.005, min_rounds=1, max_s=0.02, matmul_n=128, matmul_repeats=1, copy_mib=4)
+    for graph, size in (("decoder", None), ("encoder", (16, 12))):
+        report = run_bench(tiny_export, backends="eager,onnx-cpu", graph=graph, image_size=size, budget=tiny, **QUIET)
+        rows = {(r.backend, r.batch_size) for r in report.results}
+        assert rows == {(b, n) for b in ("eager", "onnx-cpu") for n in (1, 4)}  # large images: batch 1 and 4
+        want = list(size) if size else json.loads((tiny_export / MANIFEST).read_text())["export"]["traced_at"][-2:]
+        assert report.settings["image_size"] == want
+        assert report.settings["flops_per_sample"] > 0 and all(r.fraction_of_peak is not None for r in report.results)
+        assert "FLOP/sample at" in format_table(report)
+
+
 # --- a factory in the user's code ---------------------------------------------------------------
 
 FACTORY = '''

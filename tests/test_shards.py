@@ -203,6 +203,15 @@ def test_the_output_folder_rule(mlp_onnx_export: Path, tmp_path: Path) -> None:
     assert sorted(os.listdir(readme)) == ["README.md", "extra.txt", INDEX, "shard-00000.npy", "shard-00001.npy"]
 
 
+def test_two_writers_cannot_share_a_folder(mlp_onnx_export: Path, tmp_path: Path) -> None:
+    first = write_shards(mlp_onnx_export, 300, tmp_path / "a", seed=1, shard_rows=100, provider="cpu")
+    with ShardWriter.open(tmp_path / "b", first.index.spec):
+        with pytest.raises(UsageError, match="another run is writing shards"):
+            ShardWriter.open(tmp_path / "b", first.index.spec)
+    with ShardWriter.open(tmp_path / "b", first.index.spec):  # released by the first one's abort
+        pass
+
+
 def test_a_forged_index_cannot_make_us_delete_other_files(mlp_onnx_export: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     write_shards(mlp_onnx_export, 300, out, seed=1, shard_rows=100, provider="cpu")

@@ -170,13 +170,11 @@ class DecoderActor:
         ids = np.asarray(batch["id"], np.int64)
         k = np.searchsorted(self.offsets, ids, side="right") - 1
         rows = self.starts[k] + ids - self.offsets[k]
-        images = np.empty((len(rows), *self.image_shape), np.float32)
+        parts = []  # one decode per run of consecutive rows (usually the whole batch: no copy)
         for a, b in _runs(rows):
-            at = a
-            for x in sample_batches(self.engine, self.latents, self.pixels, int(rows[a]), int(rows[a]) + b - a, b - a):
-                images[at : at + len(x)] = x
-                at += len(x)
-        return {"row": rows, "image": images}
+            start = int(rows[a])
+            parts.extend(sample_batches(self.engine, self.latents, self.pixels, start, start + b - a, b - a))
+        return {"row": rows, "image": parts[0] if len(parts) == 1 else np.concatenate(parts)}
 
 
 def _runs(rows: np.ndarray) -> Iterator[tuple[int, int]]:

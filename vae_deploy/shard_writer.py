@@ -36,6 +36,22 @@ def npy_header(shape: tuple[int, ...]) -> bytes:
     return buf.getvalue()
 
 
+def lock_folder(out_dir: Path) -> int | None:
+    """An exclusive flock on the folder itself (no lock file), or a UsageError if another run holds
+    it; None where the platform has no flock."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UsageError(f"another run is writing shards into {out_dir}; wait for it or use another folder") from None
+    return fd
+
+
 def require_disk(out_dir: Path, need: int, n: int) -> None:
     """Refuse, before writing anything, a run whose shards would not fit on the disk of ``out_dir``."""
     probe = out_dir
@@ -124,9 +140,16 @@ class ShardWriter:
     """
 
     def __init__(
-        self, out_dir: Path, spec: ShardSpec, done: dict[int, str], info: dict[str, Any], fresh: str = ""
+        self,
+        out_dir: Path,
+        spec: ShardSpec,
+        done: dict[int, str],
+        info: dict[str, Any],
+        fresh: str = "",
+        lock: int | None = None,
     ) -> None:
         self.out_dir, self.spec, self.info = out_dir, spec, info
+        self._lock = lock  # the folder's flock, held until finish() or abort()
         self._fresh = fresh  # "dir": we created the folder; "index": it had no index of ours before
         self._done = dict(done)
         self._open: dict[int, _OpenShard] = {}
@@ -134,6 +157,7 @@ class ShardWriter:
         self.shards_kept = len(done)  # verified shards of an interrupted run with the same spec
         self.rows_kept = sum(spec.bounds(i)[1] - spec.bounds(i)[0] for i in done)
         self.rows_written = 0
+        self._finished = False
         self._write_index(force=True)  # claims the folder before any shard is written
 
     @classmethod
@@ -154,6 +178,7 @@ class ShardWriter:
         kept_rows = sum(spec.bounds(i)[1] - spec.bounds(i)[0] for i in done)
         require_disk(out_dir, (spec.n - kept_rows) * spec.row_bytes + 128 * (spec.count - len(done)), spec.n)
         out_dir.mkdir(parents=True, exist_ok=True)
+        lock = lock_folder(out_dir)
         sweep_temp_files(out_dir)
         if old is not None:
             names = {spec.name(i) for i in range(spec.count)}
@@ -161,7 +186,7 @@ class ShardWriter:
                 path = out_dir / entry.file
                 if entry.file not in names and (path.is_file() or path.is_symlink()):
                     path.unlink()  # a shard of an earlier run with another layout: ours, listed in our index
-        return cls(out_dir, spec, done, dict(info or {}), fresh)
+        return cls(out_dir, spec, done, dict(info or {}), fresh, lock)
 
     def todo(self) -> list[tuple[int, int]]:
         """Row ranges [start, stop) not yet written, merged, in order."""
@@ -211,6 +236,8 @@ class ShardWriter:
             raise DataError(f"{self.out_dir}: {len(missing)} shards are not written yet (first: {missing[0]})")
         data = self._index_dict(complete=True)
         atomic_write_text(self.out_dir / INDEX, index_text(data))
+        self._finished = True
+        self._unlock()
         return parse_index(data, str(self.out_dir / INDEX))
 
     def abort(self) -> None:
@@ -228,12 +255,19 @@ class ShardWriter:
                 self.out_dir.rmdir()
         except OSError:
             pass  # the error that stopped the run is the one to report
+        finally:
+            self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # releases the flock
+            self._lock = None
 
     def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is not None or self._open:
+        if not self._finished:  # an exception, or a run left unfinished
             self.abort()
 
     def _index_dict(self, complete: bool) -> dict[str, Any]:
