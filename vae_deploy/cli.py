@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from vae_deploy import __version__
 from vae_deploy.config import ACTIVATIONS, ARCHS, DATASETS, DEVICES, LOSSES
@@ -75,9 +76,19 @@ def cli(debug: bool) -> None:
 @click.option("--out", help="Run folder (checkpoint.pt, metrics.jsonl).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a TTY).")
-def train(recipe: str | None, resume: bool, progress: bool | None, **opts: Any) -> None:
-    """Train a VAE; command-line options override the recipe."""
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    help="Train on N local processes with torchrun (DDP: gloo on CPU, nccl with one GPU each); "
+    "--batch-size stays the global batch.",
+)
+def train(recipe: str | None, resume: bool, progress: bool | None, nproc: int | None, **opts: Any) -> None:
+    """Train a VAE; command-line options override the recipe.
+
+    On a cluster: torchrun --nproc-per-node N [--nnodes ...] -m vae_deploy.cli train OPTIONS
+    """
     from vae_deploy.config import load_recipe, make_configs
+    from vae_deploy.distributed import ranks_from_env, reported_elsewhere
     from vae_deploy.training import train as run_training
 
     model_raw, train_raw = load_recipe(recipe) if recipe else ({}, {})
@@ -91,10 +102,46 @@ def train(recipe: str | None, resume: bool, progress: bool | None, **opts: Any) 
     if "out" not in train_raw:
         train_raw["out"] = str(Path("runs") / (Path(recipe).stem if recipe else "default"))
     model_cfg, train_cfg = make_configs(model_raw, train_raw)
+    ranks = ranks_from_env()
+    if nproc is not None and nproc > 1:
+        _launch_training(model_cfg, train_cfg, nproc, resume, ranks.world_size)
+        return
     show = sys.stderr.isatty() if progress is None else progress
-    result = run_training(model_cfg, train_cfg, resume=resume, progress=show, log=click.echo)
+    try:
+        result = run_training(model_cfg, train_cfg, resume=resume, progress=show, log=click.echo)
+    except Exception as exc:
+        if reported_elsewhere(exc, ranks):  # another rank (or the --nproc launcher) prints it
+            raise SystemExit(getattr(exc, "exit_code", 1)) from None
+        raise
+    if not ranks.is_main:
+        return
     last = result.history[-1] if result.history else {}
     click.echo(f"checkpoint: {result.checkpoint}  (val_loss {last.get('val_loss', float('nan')):.2f})")
+
+
+def _launch_training(model_cfg: Any, train_cfg: Any, nproc: int, resume: bool, world_size: int) -> None:
+    """``train --nproc N``: check in this process, then run this command without --nproc under torchrun."""
+    from vae_deploy.distributed import launch
+    from vae_deploy.errors import UsageError
+    from vae_deploy.training import check_launch
+
+    if world_size > 1:
+        raise UsageError("--nproc starts torchrun itself; under torchrun leave it out")
+    check_launch(model_cfg, train_cfg, nproc, resume=resume)
+    ctx = click.get_current_context()
+    argv = [ctx.info_name or "train"]
+    for param in ctx.command.params:  # the options as given on the command line, less --nproc
+        value = ctx.params.get(param.name or "")
+        if param.name == "nproc" or ctx.get_parameter_source(param.name or "") != ParameterSource.COMMANDLINE:
+            continue
+        if isinstance(param, click.Option) and param.is_flag:
+            argv.append(param.opts[0] if value or not param.secondary_opts else param.secondary_opts[0])
+        else:
+            argv += [param.opts[0], str(value)]
+    hint = f"the last good checkpoint is kept in {train_cfg.out} (continue with --resume --nproc {nproc})"
+    code = launch(argv, nproc, hint=hint, debug=bool(ctx.find_root().params.get("debug")))
+    if code:
+        raise SystemExit(code)
 
 
 # --- demo ---------------------------------------------------------------------------------------

@@ -4,17 +4,22 @@ Determinism: the model init, each epoch's shuffle and the reparameterization noi
 generators derived from ``seed``; the noise generator's state and the position inside the epoch are
 saved in the checkpoint, so a resumed run (even one killed mid-epoch) ends with the same weights,
 bit for bit on CPU, as an uninterrupted one.
+
+Under torchrun every rank runs the same loop; :class:`~vae_deploy.distributed.Group` supplies the
+few places where that differs (DDP, the data split, per-step sums, the stop agreement, rank 0
+writing), and is trivial for one process. See :mod:`vae_deploy.distributed`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +29,6 @@ from tqdm.auto import tqdm
 from vae_deploy.checkpoint import (
     CHECKPOINT_NAME,
     SAFETENSORS_NAME,
-    checkpoint_configs,
-    model_from_state,
     new_save_id,
     read_checkpoint,
     save_checkpoint,
@@ -33,6 +36,18 @@ from vae_deploy.checkpoint import (
 )
 from vae_deploy.config import ModelConfig, TrainConfig, to_dict
 from vae_deploy.data import Splits, load_splits, to_unit_float
+from vae_deploy.distributed import (
+    Group,
+    batches_per_epoch,
+    check_batch_split,
+    check_gpus,
+    process_group,
+    rank_batches,
+    rank_device,
+    rank_seed,
+    ranks_from_env,
+    shared,
+)
 from vae_deploy.errors import (
     CheckpointError,
     ConfigError,
@@ -44,11 +59,12 @@ from vae_deploy.files import atomic_write, sweep_temp_files
 from vae_deploy.losses import elbo_loss
 from vae_deploy.model import VAE
 from vae_deploy.outdir import check_output_dir, claim_output_dir
+from vae_deploy.run_state import Progress, check_same_run, restore
 
 CHECKPOINT = CHECKPOINT_NAME
 METRICS = "metrics.jsonl"
 SAFETENSORS = SAFETENSORS_NAME  # the same weights, shareable without pickle
-SAME_ON_RESUME = ("dataset", "binarize", "train_limit", "batch_size", "seed")  # they fix the data order
+VAL_BATCH = 500  # validation batch: the unit split over ranks (noise is drawn per batch)
 
 
 class _DeferredInterrupt:
@@ -113,182 +129,87 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
-@torch.no_grad()
+def _derived_seed(*parts: object) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
 def evaluate_split(
     model: VAE,
     x: torch.Tensor,
     cfg: TrainConfig,
     device: torch.device,
-    batch_size: int = 1000,
+    batch_size: int = VAL_BATCH,
     seed: int = 0,
 ) -> dict[str, float]:
     """Mean loss terms over ``x`` with one posterior sample per image (fixed seed): nats/image."""
+    sums = evaluate_sums(model, x, cfg, device, batch_size, seed)
+    return {k: v / len(x) for k, v in sums.items()}
+
+
+@torch.no_grad()
+def evaluate_sums(
+    model: VAE,
+    x: torch.Tensor,
+    cfg: TrainConfig,
+    device: torch.device,
+    batch_size: int = VAL_BATCH,
+    seed: int = 0,
+    part: tuple[int, int] = (0, 1),
+) -> dict[str, float]:
+    """Loss terms summed over the images of ``x`` in part ``part = (i, k)``: every k-th batch from
+    the i-th. Batch j draws its noise from its own generator (seeded from ``seed`` and j), so the k
+    parts add up to the one-process sums whatever k is."""
     was_training = model.training
     model.eval()
-    gen = torch.Generator(device=device).manual_seed(seed)
     sums = {"loss": 0.0, "recon": 0.0, "kl": 0.0, "nelbo": 0.0}
-    for i in range(0, len(x), batch_size):
+    for j, i in enumerate(range(0, len(x), batch_size)):
+        if j % part[1] != part[0]:
+            continue
         xb = to_unit_float(x[i : i + batch_size].to(device))
+        gen = torch.Generator(device=device).manual_seed(_derived_seed("eval", seed, j))
         out = model(xb, sample=True, generator=gen)
         terms = elbo_loss(out.logits, xb, out.kl, cfg.loss, cfg.beta, cfg.alpha)
         for k in sums:
             sums[k] += float(getattr(terms, k)) * len(xb)
     model.train(was_training)
-    return {k: v / len(x) for k, v in sums.items()}
+    return sums
 
 
 def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write(path, "".join(json.dumps(h) + "\n" for h in rows).encode())
 
 
-@dataclass
-class _Progress:
-    """Where a run stands: the epoch and batch to continue from, and the running sums of the epoch
-    in progress (over every batch of it so far, across resumes), so its row covers all of it."""
-
-    epoch: int = 0
-    batch: int = 0
-    step: int = 0
-    loss_sum: float = 0.0
-    recon_sum: float = 0.0
-    kl_sum: float = 0.0
-    images: int = 0
-    seconds: float = 0.0
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-    def row(self) -> dict[str, Any]:
-        n = max(self.images, 1)
-        return {
-            "epoch": self.epoch + 1,
-            "step": self.step,
-            "train_loss": self.loss_sum / n,
-            "train_recon": self.recon_sum / n,
-            "train_kl": self.kl_sum / n,
-        }
-
-    def extra(self) -> dict[str, Any]:
-        return {
-            "batch_in_epoch": self.batch,
-            "run_sum": self.loss_sum,
-            "run_terms": [self.recon_sum, self.kl_sum],
-            "run_n": self.images,
-            "run_seconds": self.seconds,
-            "history": self.history,
-        }
+def check_run(
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    world_size: int = 1,
+) -> dict[str, Any] | None:
+    """What can be checked before loading data, writing nothing: the batch split over
+    ``world_size`` processes, the output folder, and the checkpoint to resume (same model, data
+    order and number of processes). Returns that checkpoint (None when not resuming)."""
+    out = Path(cfg.out)
+    ckpt_path = out / CHECKPOINT
+    check_batch_split(cfg.batch_size, world_size)
+    if resume and not ckpt_path.is_file():
+        raise CheckpointError(f"--resume: no checkpoint at {ckpt_path} to continue from")
+    check_output_dir(out, "run", resume=resume)
+    if not resume and not overwrite and ckpt_path.exists():
+        raise UsageError(f"{ckpt_path} already exists: pass --resume to continue it or choose --out")
+    state = read_checkpoint(ckpt_path) if resume else None
+    if state is not None:
+        check_same_run(state, ckpt_path, model_cfg, cfg, world_size)
+    return state
 
 
-def _check_same_run(state: dict[str, Any], path: Path, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
-    """Resume continues the same run: same model, and the same data order (dataset, batch size, seed)."""
-    saved_model, saved = checkpoint_configs(state)
-    if saved_model != model_cfg:
-        raise ConfigError(f"--resume: {path} was trained with a different model config")
-    if saved is None:
-        raise CheckpointError(f"--resume: {path} records no train config, so it cannot be continued")
-    for name in SAME_ON_RESUME:
-        old, new = getattr(saved, name), getattr(cfg, name)
-        if old != new:
-            raise ConfigError(
-                f"--resume: {path} was trained with {name}={old!r}, this run asks for {name}={new!r}; "
-                f"resume with the same {name} or start a new --out"
-            )
-
-
-def _resume(
-    state: dict[str, Any],
-    path: Path,
-    model: VAE,
-    opt: torch.optim.Optimizer,
-    eps_gen: torch.Generator,
-    n_batches: int,
-    data_note: str,
-) -> _Progress:
-    """Load a checkpoint's weights, optimizer and progress, checking each value first: a forged or
-    foreign file is a ``CheckpointError``, never a crash later in training."""
-    model.load_state_dict(model_from_state(state, str(path)).state_dict())
-    extra = state.get("extra")
-    if not isinstance(extra, dict):
-        raise CheckpointError(f"--resume: {path} has no progress record (extra is not a dict)")
-    note = extra.get("data_note")
-    if isinstance(note, str) and note != data_note:
-        raise ConfigError(f"--resume: {path} was trained on other data ({note!r}; now {data_note!r})")
-    num = _Checked(path)
-    p = _Progress(
-        epoch=num.int(state.get("epoch"), "epoch"),
-        step=num.int(state.get("step"), "step"),
-        batch=num.int(extra.get("batch_in_epoch", 0), "batch_in_epoch", n_batches - 1),
-        loss_sum=num.float(extra.get("run_sum", 0.0), "run_sum"),
-        images=num.int(extra.get("run_n", 0), "run_n"),
-        seconds=num.float(extra.get("run_seconds", 0.0), "run_seconds"),
-    )
-    terms = extra.get("run_terms", [0.0, 0.0])
-    if not isinstance(terms, list) or len(terms) != 2:
-        raise CheckpointError(f"--resume: {path} has a malformed run_terms (expected two numbers)")
-    p.recon_sum, p.kl_sum = (num.float(t, "run_terms") for t in terms)
-    p.history = _epoch_rows(extra.get("history", []), p.epoch, path)
-    if state.get("optimizer") is not None:
-        _load_optimizer(opt, state["optimizer"], path)
-    gen_state = extra.get("eps_gen_state")
-    if gen_state is not None:
-        now = eps_gen.get_state()
-        if not isinstance(gen_state, torch.Tensor) or gen_state.dtype != now.dtype or gen_state.shape != now.shape:
-            raise CheckpointError(f"--resume: {path} has a malformed eps_gen_state")
-        eps_gen.set_state(gen_state.to(now.device))
-    return p
-
-
-class _Checked:
-    """Numbers from a checkpoint's progress record, type- and range-checked."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def int(self, value: Any, name: str, high: int = 2**62) -> int:
-        if type(value) is not int or not 0 <= value <= high:
-            raise CheckpointError(f"--resume: {self.path} has {name}={value!r:.40}, expected an integer in 0..{high}")
-        return value
-
-    def float(self, value: Any, name: str) -> float:
-        if type(value) not in (int, float) or not math.isfinite(value):
-            raise CheckpointError(f"--resume: {self.path} has {name}={value!r:.40}, expected a finite number")
-        return float(value)
-
-
-def _epoch_rows(history: Any, done: int, path: Path) -> list[dict[str, Any]]:
-    """One row per finished epoch 1..done. Older checkpoints could hold a row for a partial epoch
-    (and then a second row for it): keep the last row of each finished epoch, drop the rest."""
-    if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
-        raise CheckpointError(f"--resume: {path} has a malformed history (expected a list of rows)")
-    rows = {r["epoch"]: r for r in history if type(r.get("epoch")) is int and 1 <= r["epoch"] <= done}
-    return [rows[e] for e in sorted(rows)]
-
-
-def _load_optimizer(opt: torch.optim.Optimizer, saved: Any, path: Path) -> None:
-    """Adam's state from a checkpoint, each moment checked against its parameter's shape; the
-    hyperparameters (lr, weight decay, betas) are this run's."""
-    fresh = opt.state_dict()
-    params = [p for group in opt.param_groups for p in group["params"]]
-    bad = CheckpointError(f"--resume: {path} has an optimizer state that does not fit the model")
-    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict):
-        raise bad
-    groups = saved.get("param_groups")
-    if not isinstance(groups, list) or [g.get("params") if isinstance(g, dict) else None for g in groups] != [
-        g["params"] for g in fresh["param_groups"]
-    ]:
-        raise bad
-    for key, entry in saved["state"].items():
-        if type(key) is not int or not 0 <= key < len(params) or not isinstance(entry, dict):
-            raise bad
-        for value in entry.values():
-            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-                raise bad
-            if value.dim() and value.shape != params[key].shape or not bool(torch.isfinite(value).all()):
-                raise bad
-    try:
-        opt.load_state_dict(saved)
-    except (KeyError, ValueError, TypeError, RuntimeError):
-        raise bad from None
-    for group, want in zip(opt.param_groups, fresh["param_groups"]):
-        group.update({k: v for k, v in want.items() if k != "params"})
+def check_launch(model_cfg: ModelConfig, cfg: TrainConfig, nproc: int, *, resume: bool = False) -> None:
+    """Before ``--nproc`` starts any process: the checks of :func:`check_run`, and one GPU per
+    process when training on CUDA (each failure one line, in the launching process)."""
+    if resolve_device(cfg.device).type == "cuda":
+        check_gpus(nproc)
+    check_run(model_cfg, cfg, resume=resume, world_size=nproc)
 
 
 def train(
@@ -305,92 +226,123 @@ def train(
 
     OUT must be a run folder of ours, absent, or empty (see :mod:`vae_deploy.outdir`); everything is
     validated before the first write. ``resume`` continues the run in OUT (same model, dataset, batch
-    size and seed); ``overwrite`` starts afresh in a run folder of ours, replacing only our files.
+    size, seed and number of processes); ``overwrite`` starts afresh in a run folder of ours,
+    replacing only our files.
 
     metrics.jsonl has one row per epoch. A run stopped inside an epoch (``max_steps``) ends with a
     row marked ``"partial": true``; resuming replaces it by the epoch's full row, whose train terms
     average over every batch of the epoch (the checkpoint carries the partial sums).
+
+    Under torchrun (WORLD_SIZE > 1) every rank calls this: DDP, as :mod:`vae_deploy.distributed`
+    describes; rank 0 logs and writes the files, the other ranks return the same trained model.
     """
+    ranks = ranks_from_env()
+    if not ranks.is_main:
+        log = _silent
+    device = rank_device(resolve_device(cfg.device), ranks)
+    with process_group(ranks, device) as group:
+        with group.agree():  # every rank checks the same things; one failure stops them all
+            state = check_run(model_cfg, cfg, resume=resume, overwrite=overwrite, world_size=ranks.world_size)
+            if splits is None:
+                splits = load_splits(
+                    cfg.dataset,
+                    cfg.data_root,
+                    binarize=cfg.binarize,
+                    download=cfg.download,
+                    train_limit=cfg.train_limit,
+                    val_limit=cfg.val_limit,
+                    image_shape=model_cfg.image_shape,
+                    as_float=False,  # uint8 stays uint8 (a quarter of the memory); each batch is converted
+                )
+            log(f"data: {splits.note}")
+            if tuple(splits.train_x.shape[1:]) != model_cfg.image_shape:
+                raise ConfigError(
+                    f"model image_shape {model_cfg.image_shape} does not match the data "
+                    f"{tuple(splits.train_x.shape[1:])}"
+                )
+        return _fit(model_cfg, cfg, group, state, splits, resume, overwrite, progress and ranks.is_main, log)
+
+
+def _silent(_: str) -> None:
+    pass
+
+
+def _fit(
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    group: Group,
+    state: dict[str, Any] | None,
+    splits: Splits,
+    resume: bool,
+    overwrite: bool,
+    progress: bool,
+    log: Callable[[str], None],
+) -> TrainResult:
+    """The training loop of :func:`train`, once everything is checked (on every rank of ``group``)."""
     out = Path(cfg.out)
     ckpt_path, metrics_path = out / CHECKPOINT, out / METRICS
-    device = resolve_device(cfg.device)
-    if resume and not ckpt_path.is_file():
-        raise CheckpointError(f"--resume: no checkpoint at {ckpt_path} to continue from")
-    check_output_dir(out, "run", resume=resume)
-    if not resume and not overwrite and ckpt_path.exists():
-        raise UsageError(f"{ckpt_path} already exists: pass --resume to continue it or choose --out")
-    state = read_checkpoint(ckpt_path) if resume else None
-    if state is not None:
-        _check_same_run(state, ckpt_path, model_cfg, cfg)
-    if splits is None:
-        splits = load_splits(
-            cfg.dataset,
-            cfg.data_root,
-            binarize=cfg.binarize,
-            download=cfg.download,
-            train_limit=cfg.train_limit,
-            val_limit=cfg.val_limit,
-            image_shape=model_cfg.image_shape,
-            as_float=False,  # uint8 stays uint8 (a quarter of the memory); each batch is converted
-        )
-    log(f"data: {splits.note}")
-    if tuple(splits.train_x.shape[1:]) != model_cfg.image_shape:
-        raise ConfigError(
-            f"model image_shape {model_cfg.image_shape} does not match the data {tuple(splits.train_x.shape[1:])}"
-        )
-
+    device, writer, world = group.device, group.is_main, group.world_size
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = VAE(model_cfg)
     model.to(device).train()
     opt = build_optimizer(model, cfg)
-    eps_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    eps_gen = torch.Generator(device=device).manual_seed(rank_seed(cfg.seed + 1, group.rank))
     n = len(splits.train_x)
-    n_batches = math.ceil(n / cfg.batch_size)
-    p = _Progress()
+    n_batches = batches_per_epoch(n, cfg.batch_size, world)
+    p = Progress()
     save_id: str | None = None
     if state is not None:
-        p = _resume(state, ckpt_path, model, opt, eps_gen, n_batches, splits.note)
+        with group.agree():
+            p = restore(state, ckpt_path, model, opt, eps_gen, n_batches, splits.note, group.ranks)
         save_id = state.get("save_id") if isinstance(state.get("save_id"), str) else None
         if p.epoch >= cfg.epochs or (cfg.max_steps is not None and p.step >= cfg.max_steps):
             log(f"nothing to train: {ckpt_path} is at epoch {p.epoch}, step {p.step}")
             return TrainResult(out, ckpt_path, p.history, splits.note, model.cpu().eval())
         log(f"resuming from {ckpt_path}: epoch {p.epoch + 1}, batch {p.batch}, step {p.step}")
+    net = group.wrap(model)  # DDP on several processes (its parameters: model's)
+    if world > 1:
+        log(f"training on {world} processes ({group.backend}), {cfg.batch_size // world} images each per step")
 
-    # Everything is validated: the first write.
-    claim_output_dir(out, "run", resume=resume)
-    sweep_temp_files(out)
-    if overwrite and not resume:
-        for name in (CHECKPOINT, SAFETENSORS, METRICS):  # only our files of the previous run
-            (out / name).unlink(missing_ok=True)
-    if resume:
-        _write_metrics(metrics_path, p.history)  # drop rows newer than the checkpoint
-        save_safetensors(out / SAFETENSORS, model, cfg, save_id=save_id, step=p.step)  # mend a torn pair
-    atomic_write(
-        out / "config.json",
-        json.dumps({"model": to_dict(model_cfg), "train": to_dict(cfg), "data": splits.note}, indent=2).encode(),
-    )
+    # Everything is validated: the first write (rank 0 writes every file).
+    if writer:
+        claim_output_dir(out, "run", resume=resume)
+        sweep_temp_files(out)
+        if overwrite and not resume:
+            for name in (CHECKPOINT, SAFETENSORS, METRICS):  # only our files of the previous run
+                (out / name).unlink(missing_ok=True)
+        if resume:
+            _write_metrics(metrics_path, p.history)  # drop rows newer than the checkpoint
+            save_safetensors(out / SAFETENSORS, model, cfg, save_id=save_id, step=p.step)  # mend a torn pair
+        atomic_write(
+            out / "config.json",
+            json.dumps(
+                {"model": to_dict(model_cfg), "train": to_dict(cfg), "data": splits.note, "processes": world}, indent=2
+            ).encode(),
+        )
 
     def checkpoint() -> None:
-        sid = new_save_id()
-        save_checkpoint(
-            ckpt_path,
-            model,
-            cfg,
-            optimizer=opt,
-            epoch=p.epoch,
-            step=p.step,
-            extra={**p.extra(), "eps_gen_state": eps_gen.get_state(), "data_note": splits.note},
-            save_id=sid,
-        )
-        save_safetensors(out / SAFETENSORS, model, cfg, save_id=sid, step=p.step)
+        states = group.gather(eps_gen.get_state())  # every rank's noise stream
+        if writer:
+            sid = new_save_id()
+            extra = {**p.extra(), "eps_gen_state": states[0], "data_note": splits.note, "world_size": world}
+            if world > 1:
+                extra["eps_gen_states"] = states
+            save_checkpoint(ckpt_path, model, cfg, optimizer=opt, epoch=p.epoch, step=p.step, extra=extra, save_id=sid)
+            save_safetensors(out / SAFETENSORS, model, cfg, save_id=sid, step=p.step)
+        group.barrier()  # no rank goes on (or exits, which makes torchrun stop the rest) before it is saved
+
+    def batches(epoch: int) -> list[torch.Tensor]:
+        if world == 1:
+            return list(torch.randperm(n, generator=_epoch_generator(cfg.seed, epoch)).split(cfg.batch_size))
+        return rank_batches(n, cfg.batch_size, seed=cfg.seed, epoch=epoch, ranks=group.ranks)
 
     train_x = splits.train_x.to(device)
     rows = list(p.history)
-    with _DeferredInterrupt() as interrupt:
+    with _DeferredInterrupt() as interrupt, group.guard(ckpt_path):
         while p.epoch < cfg.epochs:
             epoch = p.epoch
-            order = torch.randperm(n, generator=_epoch_generator(cfg.seed, epoch)).split(cfg.batch_size)
+            order = batches(epoch)
             t0, seconds_before = time.perf_counter(), p.seconds
             bar = tqdm(
                 total=len(order),
@@ -403,30 +355,34 @@ def train(
             for b in range(p.batch, len(order)):
                 if cfg.max_steps is not None and p.step >= cfg.max_steps:
                     break
-                if interrupt.requested:
+                if group.should_stop(interrupt.requested):
                     bar.close()
                     p.seconds = seconds_before + time.perf_counter() - t0
                     checkpoint()
-                    raise TrainingInterrupted(ckpt_path)
+                    raise shared(TrainingInterrupted(ckpt_path))
                 xb = to_unit_float(train_x[order[b].to(device)])
-                out_ = model(xb, generator=eps_gen)
+                out_ = net(xb, generator=eps_gen)
                 terms = elbo_loss(out_.logits, xb, out_.kl, cfg.loss, cfg.beta, cfg.alpha)
-                loss_value = float(terms.loss.detach())
-                if not math.isfinite(loss_value):
+                (loss_sum, recon_sum, kl_sum), seen = group.step_sums(
+                    [terms.loss, terms.recon, terms.kl], len(xb), interrupt.requested
+                )
+                if not math.isfinite(loss_sum):
                     bar.close()
-                    raise TrainingDiverged(
-                        f"loss became {loss_value} at epoch {epoch + 1}, step {p.step + 1}; stopped "
-                        f"(last good checkpoint kept at {ckpt_path}): try a lower --lr"
+                    raise shared(
+                        TrainingDiverged(
+                            f"loss became {loss_sum / seen} at epoch {epoch + 1}, step {p.step + 1}; stopped "
+                            f"(last good checkpoint kept at {ckpt_path}): try a lower --lr"
+                        )
                     )
                 opt.zero_grad(set_to_none=True)
                 terms.loss.backward()
                 opt.step()
                 p.step += 1
                 p.batch = b + 1
-                p.loss_sum += loss_value * len(xb)
-                p.recon_sum += float(terms.recon.detach()) * len(xb)
-                p.kl_sum += float(terms.kl.detach()) * len(xb)
-                p.images += len(xb)
+                p.loss_sum += loss_sum
+                p.recon_sum += recon_sum
+                p.kl_sum += kl_sum
+                p.images += seen
                 bar.update(1)
                 bar.set_postfix(loss=f"{p.loss_sum / p.images:.2f}")
                 if cfg.checkpoint_every and p.step % cfg.checkpoint_every == 0:
@@ -437,7 +393,7 @@ def train(
             finished = p.batch >= len(order)
             if p.images == 0:  # no batch of this epoch ran (cannot happen after the checks above)
                 break
-            val = evaluate_split(model, splits.val_x, cfg, device, seed=cfg.seed)
+            val = _validate(model, splits.val_x, cfg, group)
             model.train()
             row = {
                 **p.row(),
@@ -447,16 +403,18 @@ def train(
                 "val_nelbo": val["nelbo"],
                 "images_per_s": p.images / p.seconds if p.seconds > 0 else None,
                 "seconds": p.seconds,
+                "processes": world,
             }
             if finished:
                 p.history.append(row)
-                p = _Progress(epoch=epoch + 1, step=p.step, history=p.history)
+                p = Progress(epoch=epoch + 1, step=p.step, history=p.history)
                 rows = list(p.history)
             else:  # stopped by max_steps: the checkpoint keeps the sums; the row is provisional
                 row.update(partial=True, batches=p.batch, of_batches=len(order))
                 rows = [*p.history, row]
             checkpoint()
-            _write_metrics(metrics_path, rows)
+            if writer:
+                _write_metrics(metrics_path, rows)
             part = "" if finished else f" (partial: {row['batches']}/{len(order)} batches)"
             log(
                 f"epoch {epoch + 1}/{cfg.epochs}{part}  train {row['train_loss']:.2f}  "
@@ -467,3 +425,11 @@ def train(
                 log(f"stopped after --max-steps {cfg.max_steps}")
                 break
     return TrainResult(out, ckpt_path, rows, splits.note, model.cpu().eval())
+
+
+def _validate(model: VAE, x: torch.Tensor, cfg: TrainConfig, group: Group) -> dict[str, float]:
+    """Validation means over ``x``, its batches split over the ranks and the sums all-reduced."""
+    part = (group.rank, group.world_size)
+    sums = evaluate_sums(model, x, cfg, group.device, batch_size=VAL_BATCH, seed=cfg.seed, part=part)
+    totals = group.sum(list(sums.values()))
+    return {k: v / len(x) for k, v in zip(sums, totals)}
