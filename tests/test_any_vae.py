@@ -353,3 +353,16 @@ def test_fp16_keep_fp32_auto_keeps_the_overflowing_ops_in_fp32(overflowing_decod
     (half,) = _run(kept.out_dir / "decoder.fp16.onnx", {"z": z})
     (full,) = _run(kept.out_dir / "decoder.onnx", {"z": z})
     assert np.isfinite(half).all() and np.abs(half - full).max() <= _tolerance(kept.out_dir, "decoder", "onnx-fp16")
+
+
+def test_cli_sample_takes_a_latent_size_for_any_size_exports(kl_export: Path, tmp_path: Path, capsys) -> None:
+    from vae_deploy.cli import main
+
+    out = tmp_path / "s.npy"
+    assert main(["sample", str(kl_export), "-n", "2", "--seed", "7", "--latent-size", "3,5", "--out", str(out)]) == 0
+    want = VAERuntime(kl_export, "cpu").sample(2, seed=7, latent_size=(3, 5))
+    assert np.array_equal(np.load(out), want)
+    capsys.readouterr()
+    assert main(["sample", str(kl_export), "-n", "2", "--out", str(tmp_path / "t.npy")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--latent-size" in err and err.count("\n") == 1

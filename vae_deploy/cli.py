@@ -422,6 +422,7 @@ def evaluate(checkpoint: str, json_out: str | None, **opts: Any) -> None:
 @click.option("--batch-size", type=int, help="Samples per run (speed/memory only; results do not change).")
 @click.option("--bernoulli", is_flag=True, help="Draw 0/1 pixels from the decoded probabilities.")
 @click.option("--nrow", type=int, help="Images per row of the PNG grid (default: square).")
+@click.option("--latent-size", help="H,W of the latents, for exports that take any image size (e.g. 64,64).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a TTY).")
 def sample(
     export_dir: str,
@@ -450,12 +451,17 @@ def sample(
         raise click.UsageError("--workers goes with --ray")
     if out_dir is not None and opts["nrow"] is not None:
         raise click.UsageError("--nrow goes with a .png --out")
+    latent_size = _csv_ints(opts.pop("latent_size"))
+    if out_dir is not None and latent_size is not None:
+        raise click.UsageError("--latent-size goes with --out (shards are written at the export's fixed size)")
     show = sys.stderr.isatty() if progress is None else progress
     with tqdm(total=n, unit="img", disable=not show or n < 1, leave=False) as bar:
         if out is not None:
             from vae_deploy.sample import sample_to_file
 
-            result = sample_to_file(export_dir, n, out, seed=seed, provider=provider, progress=bar.update, **opts)
+            result = sample_to_file(
+                export_dir, n, out, seed=seed, provider=provider, progress=bar.update, latent_size=latent_size, **opts
+            )
         else:
             result = _sample_shards(export_dir, n, out_dir, seed, shard_rows, ray_address, workers, provider, bar, opts)
     why = f" (CUDA not used: {result.fallback_reason})" if provider == "auto" and result.fallback_reason else ""
