@@ -500,8 +500,8 @@ def _sample_shards(
         return write_shards(export_dir, n, out_dir, batch_size=opts["batch_size"], **common)
     from vae_deploy.ray_sampling import RayOptions, write_shards_ray
 
-    batch = {} if opts["batch_size"] is None else {"batch_size": opts["batch_size"]}
-    options = RayOptions(address=None if ray_address == "local" else ray_address, workers=workers, **batch)
+    address = None if ray_address == "local" else ray_address
+    options = RayOptions(address=address, workers=workers, batch_size=opts["batch_size"])
     result = write_shards_ray(export_dir, n, out_dir, options=options, **common)
     d = result.details
     started = "started a local Ray" if d["address"] == "local" else f"joined {d['address']}"

@@ -29,6 +29,7 @@ the number of workers, the dataset's block count or the batch size (tests/test_r
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import time
@@ -60,6 +61,8 @@ from vae_deploy.shards import ShardsResult, ShardWriter, check_out_dir, check_se
 from vae_deploy.streams import sample_streams
 
 READ_TASK_CPUS = 1.0  # what Ray Data's read tasks ask for; actors always leave this much free
+RAY_BATCH_ROWS = 4096  # default rows per map_batches call (what the benchmark ran) ...
+RAY_BATCH_BYTES = 16 << 20  # ... unless the images of a batch would pass this (large images)
 PROVIDERS = ("auto", "cpu", "cuda")
 
 
@@ -70,24 +73,24 @@ class RayOptions:
     ``address``: None starts a local Ray (or uses the one this process already joined); otherwise
     ``ray.init(address=...)`` joins it ("auto", "host:port", "ray://host:10001").
     ``workers``: decoder actors. ``threads_per_worker``: onnxruntime intra-op threads per CPU actor.
-    ``batch_size``: rows per ``map_batches`` call. ``num_blocks``: blocks of the row dataset.
+    ``batch_size``: rows per ``map_batches`` call (default: ``RAY_BATCH_ROWS``, fewer for large
+    images, so a batch stays within ``RAY_BATCH_BYTES``). ``num_blocks``: blocks of the row dataset.
     ``num_cpus`` / ``object_store_memory``: for a local Ray started here.
     """
 
     address: str | None = None
     workers: int | None = None
     threads_per_worker: int = 1
-    batch_size: int = 4096
+    batch_size: int | None = None
     num_blocks: int | None = None
     num_cpus: int | None = None
     object_store_memory: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("workers", "num_blocks", "num_cpus", "object_store_memory"):
+        for name in ("workers", "batch_size", "num_blocks", "num_cpus", "object_store_memory"):
             if getattr(self, name) is not None:
                 inputs.count(getattr(self, name), name)
         inputs.count(self.threads_per_worker, "threads_per_worker")
-        inputs.count(self.batch_size, "batch_size")
         if self.address is not None and (not isinstance(self.address, str) or not self.address.strip()):
             raise UsageError(f"address must be a Ray address such as 'auto' or 'host:6379', got {self.address!r}")
 
@@ -306,6 +309,8 @@ def write_shards_ray(
         wanted = ("cuda" if gpus >= 1 else "cpu") if provider == "auto" else provider
         plan = actor_plan(cpus, gpus, wanted, options)
         image_shape = tuple(spec.outputs[0].row_shape)
+        row_bytes = 4 * math.prod(image_shape)
+        batch = options.batch_size or max(1, min(RAY_BATCH_ROWS, RAY_BATCH_BYTES // row_bytes))
         sspec = shard_spec(manifest, export_dir, n, seed, shard_rows, image_shape, bernoulli, plan.provider)
         details = {
             "kind": "ray",
@@ -316,7 +321,7 @@ def write_shards_ray(
             "actor_num_cpus": plan.num_cpus,
             "actor_num_gpus": plan.num_gpus,
             "threads_per_worker": plan.threads,
-            "batch_size": options.batch_size,
+            "batch_size": batch,
             "num_blocks": options.num_blocks,
         }
         info = {"export_dir": str(Path(export_dir).resolve()), "writer": details}
@@ -342,7 +347,7 @@ def write_shards_ray(
                     ds = ray.data.range(total, override_num_blocks=options.num_blocks).map_batches(
                         DecoderActor,
                         fn_constructor_kwargs=actor_args,
-                        batch_size=options.batch_size,
+                        batch_size=batch,
                         batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=plan.workers),
                         num_cpus=plan.num_cpus,
