@@ -200,13 +200,16 @@ def others_busy(seconds: float = 2.0) -> float:
     return max(0.0, (busy1 - busy0) - (mine1 - mine0)) / seconds
 
 
-def wait_quiet(max_other: float, budget_s: float) -> float:
-    """Wait (up to ``budget_s``) until other processes use fewer than ``max_other`` cores; seconds waited."""
+def wait_quiet(max_other: float, budget_s: float) -> str:
+    """Wait (up to ``budget_s``) until other processes use fewer than ``max_other`` cores; what happened."""
     start = time.monotonic()
-    while budget_s > 0 and time.monotonic() - start < budget_s and others_busy() > max_other:
-        time.sleep(3)
-    waited = time.monotonic() - start
-    return waited if waited > 3 else 0.0
+    while budget_s > 0 and time.monotonic() - start < budget_s:
+        busy = others_busy()
+        if busy <= max_other:
+            waited = time.monotonic() - start
+            return f" (quiet after {waited:.0f} s)" if waited > 3 else ""
+        time.sleep(1)
+    return f" (others still busy after {budget_s:g} s)" if budget_s > 0 else ""
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -356,8 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                             print(
                                 f"  {model:>9} {c:>3} clients, batching {mode:<7} round {r + 1}: "
                                 f"{len(run['latencies']) / run['seconds']:8.1f} req/s, errors {len(run['errors'])}, "
-                                f"others {run['other_cpu_s'] / run['seconds']:.2f} cores"
-                                + (f" (waited {waited:.0f} s for a quiet machine)" if waited else ""),
+                                f"others {run['other_cpu_s'] / run['seconds']:.2f} cores" + waited,
                                 flush=True,
                             )
     machine["load_avg_end"] = load_avg()
