@@ -32,10 +32,23 @@ def load_decoder(path: str) -> tuple[ort.InferenceSession, tuple[int, ...], tupl
     return session, latent_shape, image_shape
 
 
+BLOCK_ROWS = 1024  # vae-deploy's sampling stream (version 2): one key per block of 1024 rows
+
+
+def latents(seed: int, start: int, stop: int, latent_shape: tuple[int, ...]) -> np.ndarray:
+    """Rows [start, stop) of the seeded z stream (docs/CONTRACT.md): row i depends only on (seed, i)."""
+    parts = []
+    for block in range(start // BLOCK_ROWS, (stop - 1) // BLOCK_ROWS + 1):
+        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(block,)))
+        first = block * BLOCK_ROWS
+        rows = rng.standard_normal((min(stop, first + BLOCK_ROWS) - first, *latent_shape), dtype=np.float32)
+        parts.append(rows[max(0, start - first) :])
+    return np.concatenate(parts)
+
+
 def sample(session: ort.InferenceSession, latent_shape: tuple[int, ...], n: int, seed: int) -> np.ndarray:
     """n images [n, C, H, W] in [0, 1] decoded from z ~ N(0, I), seeded."""
-    z = np.random.default_rng(seed).standard_normal((n, *latent_shape), dtype=np.float32)
-    return session.run(["x_hat"], {"z": z})[0]
+    return session.run(["x_hat"], {"z": latents(seed, 0, n, latent_shape)})[0]
 
 
 def grid(images: np.ndarray, padding: int = 2) -> Image.Image:

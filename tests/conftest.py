@@ -20,6 +20,22 @@ def _data_root(config: pytest.Config) -> Path | None:
     return Path(root) if raw.is_dir() else None
 
 
+@pytest.fixture(scope="session", autouse=True)
+def plan_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tests (and the processes they start) never read or write the user's tuned-plan cache: an
+    empty cache of their own means every runtime without an explicit plan uses the fixed default."""
+    from vae_deploy.plans import CACHE_ENV
+
+    old = os.environ.get(CACHE_ENV)
+    folder = tmp_path_factory.mktemp("plan-cache")
+    os.environ[CACHE_ENV] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = old
+
+
 @pytest.fixture(scope="session")
 def data_root(pytestconfig: pytest.Config) -> Path:
     """The MNIST data root from --data-root or $VAE_DEPLOY_DATA; the test skips if there is none."""

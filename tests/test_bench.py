@@ -27,7 +27,9 @@ from vae_deploy.bench.timing import Point
 from vae_deploy.config import ModelConfig
 from vae_deploy.errors import IntegrityError, MissingExtraError, UsageError
 
-TINY = Budget(warmup_s=0.005, round_s=0.005, min_rounds=2, max_s=0.02, matmul_n=256, matmul_repeats=1, copy_mib=4)
+TINY = Budget(
+    warmup_s=0.005, round_s=0.005, min_rounds=2, max_s=0.02, matmul_n=256, matmul_repeats=1, ceiling_n=128, copy_mib=4
+)
 ROW_KEYS = {"backend", "graph", "batch_size", "latency_ms", "samples_per_s", "fraction_of_peak"}
 
 
@@ -98,14 +100,19 @@ def test_schema_and_values(export_dir: Path, mlp_checkpoint: Path, tmp_path: Pat
     assert {(r["backend"], r["batch_size"]) for r in data["results"]} == {(b, n) for b in backends for n in (1, 3)}
     flops = data["settings"]["flops_per_sample"]
     assert flops == flops_per_sample(ModelConfig(**data["settings"]["model_config"]), "decoder")
+    limits = data["limits"]
+    assert limits["cpu_int8_matmul_gops"] > 0 and limits["cpu_ceiling_n"] == TINY.ceiling_n
+    assert "cpu_bf16_matmul_gflops" in limits or "no bf16 hardware" in limits["cpu_bf16_matmul_note"]
+    best = max(limits.get(k) or 0 for k in ("cpu_fp32_matmul_gflops", "cpu_int8_matmul_gops", "cpu_bf16_matmul_gflops"))
     for r in data["results"]:
         assert set(r) >= ROW_KEYS and r["graph"] == "decoder"
         lat = r["latency_ms"]
         assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"]
         assert r["samples_per_s"] == pytest.approx(r["batch_size"] / lat["p50"] * 1e3)
-        assert r["fraction_of_peak"] == pytest.approx(
-            flops * r["samples_per_s"] / (data["limits"]["cpu_fp32_matmul_gflops"] * 1e9)
-        )
+        peak = limits["cpu_int8_matmul_gops" if r["backend"] == "onnx-cpu-int8" else "cpu_fp32_matmul_gflops"]
+        assert r["peak"] == ("cpu_int8" if r["backend"] == "onnx-cpu-int8" else "cpu_fp32")
+        assert r["fraction_of_peak"] == pytest.approx(flops * r["samples_per_s"] / (peak * 1e9))
+        assert r["fraction_of_best"] == pytest.approx(flops * r["samples_per_s"] / (best * 1e9))
         assert r["runs"] >= 2 and r["threads"]
         if r["backend"] != "eager":
             assert r["ratios"]["vs_eager"] > 0
@@ -117,8 +124,10 @@ def test_schema_and_values(export_dir: Path, mlp_checkpoint: Path, tmp_path: Pat
     assert all(r["error_vs_fp32"] == err for r in data["results"] if r["backend"] == "onnx-cpu-int8")
     # CUDA rows and pt2 were not asked for: nothing skipped
     assert data["skipped"] == []
+    notes = data["settings"]["notes"]  # what exactly ran: the int8 file's origin, each runtime's CPU plan
+    assert "quantized for this run" in notes["onnx-cpu-int8"] and "CPU plan default" in notes["onnx-cpu"]
     text = format_table(report)
-    assert "onnx-cpu-int8" in text and "samples/s" in text and "mean |error|" in text
+    assert "onnx-cpu-int8" in text and "samples/s" in text and "mean |error|" in text and "int8 matmul" in text
 
 
 def test_encoder_graph(export_dir: Path) -> None:
@@ -196,6 +205,15 @@ def _umask() -> int:
 def test_machine_slug() -> None:
     assert machine_slug({"cpu": "AMD EPYC 9R14 96-Core Processor", "cpus": 2}) == "amd-epyc-9r14-96-core-2c"
     assert machine_slug({"gpu": "NVIDIA H200", "cpu": "x", "cpus": 16}) == "h200"
+    # a KVM guest may name a Zen 3 and a Zen 4 both "AMD EPYC": their best vector extension tells them apart
+    zen3 = {"cpu": "AMD EPYC", "cpus": 2, "cpu_flags": ["avx2", "fma"]}
+    zen4 = {"cpu": "AMD EPYC", "cpus": 2, "cpu_flags": ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"]}
+    spr = {"cpu": "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz", "cpus": 2, "cpu_flags": ["avx512f", "amx_int8"]}
+    assert [machine_slug(m) for m in (zen3, zen4, spr)] == [
+        "amd-epyc-avx2-2c",
+        "amd-epyc-avx512-vnni-2c",
+        "intel-xeon-platinum-8481c-2-70ghz-amx-2c",
+    ]
 
 
 # --- CLI ----------------------------------------------------------------------------------------
@@ -253,21 +271,27 @@ def test_tuned_cpu_plan_gives_the_same_numbers(export_dir: Path) -> None:
 
 
 def test_int8_keeps_short_reductions_fp32(export_dir: Path, tmp_path: Path) -> None:
-    """The small model's decoder is 8 -> 64 -> 784: the K=8 layer stays fp32, the K=64 one is int8."""
+    """The small model's decoder is 8 -> 64 -> 784: the K=8 layer stays fp32, the K=64 one is int8
+    (dynamically for bench's encoder path, statically for the shipped decoder)."""
     import onnx
 
-    from vae_deploy.bench import quantize_int8
+    from vae_deploy.manifest import read_manifest
+    from vae_deploy.quantize import quantize_decoder, quantize_dynamic_int8
 
-    kept = quantize_int8(export_dir / "decoder.onnx", tmp_path / "d8.onnx")
-    first = next(n.name for n in onnx.load(str(export_dir / "decoder.onnx")).graph.node if n.op_type == "Gemm")
-    assert kept == [first]
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "d8.onnx")).graph.node]
-    assert ops.count("MatMulInteger") == 1
-    every = quantize_int8(export_dir / "decoder.onnx", tmp_path / "all.onnx", min_k=1)
+    src = export_dir / "decoder.onnx"
+    first = next(n.name for n in onnx.load(str(src)).graph.node if n.op_type == "Gemm")
+    assert quantize_dynamic_int8(src, tmp_path / "d8.onnx") == [first]
+    assert [n.op_type for n in onnx.load(str(tmp_path / "d8.onnx")).graph.node].count("MatMulInteger") == 1
+    every = quantize_dynamic_int8(src, tmp_path / "all.onnx", min_k=1)
     assert (
         every == []
         and [n.op_type for n in onnx.load(str(tmp_path / "all.onnx")).graph.node].count("MatMulInteger") == 2
     )
+    assert quantize_decoder(src, tmp_path / "s8.onnx", read_manifest(export_dir).model.decoder("int8")) == [first]
+    static = onnx.load(str(tmp_path / "s8.onnx")).graph
+    quantized = {n.output[0] for n in static.node if n.op_type == "DequantizeLinear"}
+    gemms = [n for n in static.node if n.op_type == "Gemm"]
+    assert [any(i in quantized for i in g.input) for g in gemms] == [False, True]  # only the K=64 layer
 
 
 def test_import_is_torch_free() -> None:

@@ -95,7 +95,7 @@ CASES = {
         2,
         "n must be a positive integer, got -1",
     ),
-    "sample: huge n": ([*S, "-n", str(10**12), "--out", "{out}/s.png"], 2, "sample_iter"),
+    "sample: huge n": ([*S, "-n", str(10**12), "--out", "{out}/s.png"], 2, "--out-dir"),
     "sample: n not a number": (
         [*S, "-n", "many", "--out", "{out}/s.png"],
         2,

@@ -20,7 +20,7 @@ import torch
 from vae_deploy import __version__
 from vae_deploy.checkpoint import load_checkpoint
 from vae_deploy.cli import main
-from vae_deploy.contract import EXPORT_FILES, MANIFEST, METADATA_KEYS, parse_manifest
+from vae_deploy.contract import EXPORT_FILES, MANIFEST, META_DOWNSAMPLING_FACTOR, METADATA_KEYS, parse_manifest
 from vae_deploy.errors import OutputDirError, ParityError, UsageError
 from vae_deploy.export import export, model_spec
 from vae_deploy.files import sha256_file
@@ -154,7 +154,7 @@ def test_onnx_files_are_self_contained_checked_and_carry_metadata(case):
         model = onnx.load(str(path), load_external_data=False)
         assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
         meta = {p.key: p.value for p in model.metadata_props}
-        assert set(METADATA_KEYS) <= set(meta)
+        assert set(METADATA_KEYS) - {META_DOWNSAMPLING_FACTOR} <= set(meta)  # the factor: spatial latents only
         assert meta["vae_deploy.graph"] == graph
         assert meta["vae_deploy.latent_dim"] == str(cfg.latent_dim)
         assert json.loads(meta["vae_deploy.image_shape"]) == list(cfg.image_shape)
@@ -316,19 +316,21 @@ def test_fresh_default_folder_with_only_a_readme_is_accepted(mlp_checkpoint, tmp
 
 def _break_torchscript(monkeypatch):
     """Fault injection: the TorchScript exporter writes a model with one weight nudged."""
-    import vae_deploy.export as export_module
+    import dataclasses
 
-    real = export_module.export_torchscript
+    from vae_deploy import graph_files
 
-    def broken(module, spec, path):
+    real = graph_files.export_torchscript
+
+    def broken(traced, spec, path):
         import copy
 
-        bad = copy.deepcopy(module)
+        bad = copy.deepcopy(traced.module)
         with torch.no_grad():
             next(bad.parameters()).add_(0.05)
-        real(bad, spec, path)
+        real(dataclasses.replace(traced, module=bad), spec, path)
 
-    monkeypatch.setattr(export_module, "export_torchscript", broken)
+    monkeypatch.setattr(graph_files, "export_torchscript", broken)
 
 
 def test_failed_verification_leaves_nothing_that_looks_valid(mlp_checkpoint, mlp_export, tmp_path, monkeypatch):

@@ -66,16 +66,41 @@ def test_sample_10000_depends_only_on_seed_and_n(rt: VAERuntime) -> None:
     assert not np.array_equal(*seedless)
 
 
+def _recipe(seed: int, n: int, row_shape: tuple[int, ...], key_suffix: tuple[int, ...], normal: bool) -> np.ndarray:
+    """docs/CONTRACT.md's recipe, written out: block k of 1024 rows from SeedSequence(seed, spawn_key=(k, ...))."""
+    blocks = []
+    for k in range(-(-n // 1024)):
+        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(k, *key_suffix)))
+        rows = min(1024, n - 1024 * k)
+        draw = rng.standard_normal if normal else rng.random
+        blocks.append(draw((rows, *row_shape), dtype=np.float32))
+    return np.concatenate(blocks)
+
+
 def test_sample_uses_the_documented_streams(rt: VAERuntime) -> None:
-    """Any app can reproduce the samples: z and the Bernoulli uniforms are plain numpy PCG64 draws."""
-    n, seed = 1500, 42
-    z = np.random.default_rng(seed).standard_normal((n, rt.latent_dim), dtype=np.float32)
+    """Any app can reproduce the samples: z and the Bernoulli uniforms are numpy PCG64 draws, one key per block."""
+    n, seed = 2500, 42  # three blocks, the last one partial
+    z = _recipe(seed, n, (rt.latent_dim,), (), normal=True)
     probs = rt.decode(z)
     assert np.array_equal(rt.sample(n, seed=seed), probs)
-    u = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0,))).random(
-        (n, *rt.image_shape), dtype=np.float32
-    )
+    u = _recipe(seed, n, rt.image_shape, (1,), normal=False)
     assert np.array_equal(rt.sample(n, seed=seed, bernoulli=True), (u < probs).astype(np.float32))
+
+
+def test_any_row_range_is_the_slice_of_the_sample(rt: VAERuntime) -> None:
+    """Row i depends only on (seed, i): ranges inside a block, across blocks, far out, any batch size."""
+    whole = rt.sample(5000, seed=11)
+    for start, stop, batch in ((0, 1, None), (7, 1030, 100), (1023, 1025, 1), (2047, 4999, 333), (4096, 5000, None)):
+        assert np.array_equal(rt.sample_rows(start, stop, seed=11, batch_size=batch), whole[start:stop])
+    parts = list(rt.sample_iter(900, seed=11, batch_size=256, start=3100))
+    assert np.array_equal(np.concatenate(parts), whole[3100:4000])
+    bern = rt.sample(3000, seed=2, bernoulli=True)
+    assert np.array_equal(rt.sample_rows(1500, 3000, seed=2, bernoulli=True, batch_size=77), bern[1500:])
+    far = rt.sample_rows(10**9, 10**9 + 3, seed=11)  # no rows before start are drawn: instant
+    assert far.shape == (3, *rt.image_shape)
+    for bad in ((5, 5), (-1, 3), (2.0, 4), (True, 3)):
+        with pytest.raises(UsageError, match="start"):
+            rt.sample_rows(*bad, seed=0)
 
 
 def test_bernoulli_draws_are_binary_seeded_and_match_probabilities(rt: VAERuntime) -> None:
@@ -287,7 +312,7 @@ def test_bad_provider_and_options(mlp_export: Path) -> None:
     with pytest.raises(UsageError, match="provider must be one of"):
         VAERuntime(mlp_export, "tpu")
     with pytest.raises(UsageError, match="precision"):
-        VAERuntime(mlp_export, "cpu", precision="int8")
+        VAERuntime(mlp_export, "cpu", precision="int4")
     with pytest.raises(UsageError, match="intra_op_threads"):
         VAERuntime(mlp_export, "cpu", intra_op_threads=0)
     with pytest.raises(UsageError, match="either intra_op_threads or cpu_plan"):

@@ -179,8 +179,10 @@ def test_pairs_and_class_picks() -> None:
         assert (i, j) == viz.pick_pair(labels, seed)
         classes, picks = viz.one_per_class(labels, np.random.default_rng(seed))
         assert classes == [0, 1, 2, 3] and [labels[k] for k in picks] == classes
-    with pytest.raises(UsageError, match="same label"):
-        viz.pick_pair(np.zeros(4, int), 0)
+    i, j = viz.pick_pair(np.zeros(4, int), 0)  # unlabelled data: two different images
+    assert i != j and {i, j} <= set(range(4))
+    with pytest.raises(UsageError, match="one image"):
+        viz.pick_pair(np.zeros(1, int), 0)
 
 
 # --- the views ----------------------------------------------------------------------------------

@@ -22,7 +22,9 @@ _LAZY = {
     "save_checkpoint": "vae_deploy.checkpoint",
     "train": "vae_deploy.training",
     "export": "vae_deploy.export",
+    "export_modules": "vae_deploy.export_modules",
     "verify": "vae_deploy.parity",
+    "encode_dataset": "vae_deploy.encode",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

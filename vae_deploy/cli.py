@@ -21,7 +21,10 @@ from vae_deploy.contract import GRAPHS
 from vae_deploy.errors import VaeDeployError, first_line, missing_extra
 from vae_deploy.viz import MAP_METHODS
 
-DATA_ROOT_HELP = "torchvision-style data root (ROOT/MNIST/raw/...); default: $VAE_DEPLOY_DATA"
+DATA_ROOT_HELP = (
+    "torchvision-style data root (ROOT/MNIST/raw/..., ROOT/cifar-10-batches-py, ROOT/celeba), or the folder of "
+    "images for --dataset folder; default: $VAE_DEPLOY_DATA"
+)
 
 
 def _csv_ints(value: str | None) -> tuple[int, ...] | None:
@@ -51,6 +54,9 @@ def cli(debug: bool) -> None:
 @click.option("--arch", type=click.Choice(ARCHS))
 @click.option("--latent-dim", type=int)
 @click.option("--hidden", help="MLP hidden sizes, comma-separated (e.g. 400 or 512,256).")
+@click.option("--conv-channels", help="conv/resconv channels per stride-2 level, comma-separated (e.g. 32,64,128).")
+@click.option("--res-blocks", type=int, help="resconv: residual blocks per level.")
+@click.option("--image-shape", help="Model input C,H,W (1 gray or 3 RGB); folder and celeba images are resized to it.")
 @click.option("--activation", type=click.Choice(ACTIVATIONS))
 @click.option("--epochs", type=int)
 @click.option("--batch-size", type=int)
@@ -86,9 +92,10 @@ def train(recipe: str | None, resume: bool, progress: bool | None, nproc: int | 
     from vae_deploy.training import train as run_training
 
     model_raw, train_raw = load_recipe(recipe) if recipe else ({}, {})
-    model_keys = {"arch", "latent_dim", "hidden", "activation"}
-    if opts.get("hidden") is not None:
-        opts["hidden"] = _csv_ints(opts["hidden"])
+    model_keys = {"arch", "latent_dim", "hidden", "activation", "conv_channels", "res_blocks", "image_shape"}
+    for key in ("hidden", "conv_channels", "image_shape"):
+        if opts.get(key) is not None:
+            opts[key] = _csv_ints(opts[key])
     for key, value in opts.items():
         if value is not None:
             (model_raw if key in model_keys else train_raw)[key] = value
@@ -314,6 +321,51 @@ def curves(run_dir: str, out: str) -> None:
     _wrote(viz.curves(run_dir, out))
 
 
+# --- encode -------------------------------------------------------------------------------------
+
+
+@cli.command(epilog=_SOURCE_HELP)
+@click.argument("model", type=click.Path())
+@click.option("--out", required=True, help=".npz (mu, logvar, labels, classes, files|index) or .npy (means only).")
+@click.option(
+    "--dataset",
+    type=click.Choice(DATASETS),
+    help="What to encode (default: what the model was trained on, else folder).",
+)
+@click.option("--data-root", help=DATA_ROOT_HELP)
+@click.option("--split", type=click.Choice(["all", "train", "val"]), default="all", show_default=True)
+@click.option("--logvar-out", help="With --out X.npy: also write the log-variances to this .npy file.")
+@click.option("--batch-size", default=256, show_default=True, type=int, help="Images per encoder call.")
+@click.option(
+    "--provider",
+    type=click.Choice(DEVICES),
+    default="auto",
+    show_default=True,
+    help="onnxruntime provider (export folders only).",
+)
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a TTY).")
+def encode(model: str, progress: bool | None, **opts: Any) -> None:
+    """Encode a dataset (e.g. a folder of images) to posterior means and log-variances.
+
+    Streams in batches (bounded memory); rows follow the file order; the output is written atomically.
+    """
+    from tqdm import tqdm
+
+    from vae_deploy.encode import encode_dataset
+
+    show = sys.stderr.isatty() if progress is None else progress
+    with tqdm(unit="img", disable=not show, leave=False) as bar:
+        result = encode_dataset(model, progress=bar.update, **opts)
+    click.echo(f"data: {result.note}")
+    from vae_deploy.errors import printable
+
+    also = f" and logvars to {printable(str(result.logvar_path))}" if result.logvar_path else ""
+    click.echo(
+        f"wrote {result.count:,} latents {list(result.latent_shape)} to {printable(str(result.path))}{also}: "
+        f"{result.seconds:.1f} s, {result.images_per_second:,.0f} images/s"
+    )
+
+
 # --- evaluate -----------------------------------------------------------------------------------
 
 
@@ -353,79 +405,222 @@ def evaluate(checkpoint: str, json_out: str | None, **opts: Any) -> None:
 @click.argument("export_dir", type=click.Path(file_okay=False))
 @click.option("-n", "n", default=64, show_default=True, type=int, help="Number of samples.")
 @click.option("--seed", type=click.IntRange(min=0), help="Seed (default: a fresh one, printed).")
-@click.option("--out", required=True, help="Output file: .png (grid) or .npy ([n, C, H, W] float32).")
+@click.option("--out", help="Output file: .png (grid) or .npy ([n, C, H, W] float32).")
+@click.option("--out-dir", help="Output folder: numbered .npy shards + index.json, streamed (any n; resumes).")
+@click.option("--shard-rows", type=int, help="Rows per shard (default: ~128 MB shards). With --out-dir.")
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="local",
+    default=None,
+    metavar="[ADDRESS]",
+    help="Write the shards through Ray Data: a local Ray, or join the cluster at ADDRESS. With --out-dir.",
+)
+@click.option("--workers", type=int, help="Ray decoder actors (default: one per CPU, or per GPU). With --ray.")
 @click.option("--provider", default="auto", show_default=True, type=click.Choice(DEVICES))
 @click.option("--batch-size", type=int, help="Samples per run (speed/memory only; results do not change).")
 @click.option("--bernoulli", is_flag=True, help="Draw 0/1 pixels from the decoded probabilities.")
 @click.option("--nrow", type=int, help="Images per row of the PNG grid (default: square).")
+@click.option("--latent-size", help="H,W of the latents, for exports that take any image size (e.g. 64,64).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a TTY).")
 def sample(
-    export_dir: str, n: int, seed: int | None, out: str, provider: str, progress: bool | None, **opts: Any
+    export_dir: str,
+    n: int,
+    seed: int | None,
+    out: str | None,
+    out_dir: str | None,
+    shard_rows: int | None,
+    ray_address: str | None,
+    workers: int | None,
+    provider: str,
+    progress: bool | None,
+    **opts: Any,
 ) -> None:
-    """Sample images from an export folder on onnxruntime (torch-free) and write a PNG grid or .npy."""
+    """Sample images from an export folder on onnxruntime (torch-free): a PNG grid or .npy file
+    (--out), or any number of them as .npy shards streamed to a folder (--out-dir), on this
+    machine or through Ray (--ray)."""
     from tqdm import tqdm
 
-    from vae_deploy.sample import sample_to_file
-
+    if (out is None) == (out_dir is None):
+        raise click.UsageError("give either --out FILE or --out-dir DIR")
+    misplaced = [name for name, v in (("--shard-rows", shard_rows), ("--ray", ray_address)) if v is not None]
+    if out is not None and misplaced:
+        raise click.UsageError(f"{' and '.join(misplaced)} go{'es' * (len(misplaced) == 1)} with --out-dir, not --out")
+    if workers is not None and ray_address is None:
+        raise click.UsageError("--workers goes with --ray")
+    if out_dir is not None and opts["nrow"] is not None:
+        raise click.UsageError("--nrow goes with a .png --out")
+    latent_size = _csv_ints(opts.pop("latent_size"))
+    if out_dir is not None and latent_size is not None:
+        raise click.UsageError("--latent-size goes with --out (shards are written at the export's fixed size)")
     show = sys.stderr.isatty() if progress is None else progress
     with tqdm(total=n, unit="img", disable=not show or n < 1, leave=False) as bar:
-        result = sample_to_file(export_dir, n, out, seed=seed, provider=provider, progress=bar.update, **opts)
+        if out is not None:
+            from vae_deploy.sample import sample_to_file
+
+            result = sample_to_file(
+                export_dir, n, out, seed=seed, provider=provider, progress=bar.update, latent_size=latent_size, **opts
+            )
+        else:
+            result = _sample_shards(export_dir, n, out_dir, seed, shard_rows, ray_address, workers, provider, bar, opts)
     why = f" (CUDA not used: {result.fallback_reason})" if provider == "auto" and result.fallback_reason else ""
     click.echo(f"provider: {result.provider}{why}")
+    if out is not None:
+        where = str(result.path)
+    else:
+        shards = len(result.index.shards)
+        if result.rows_written == 0:
+            click.echo(f"{result.out_dir} already holds these {result.n} samples (seed {result.seed}): {shards} shards")
+            return
+        kept = f", {result.shards_kept} kept from an interrupted run" if result.shards_kept else ""
+        where = f"{shards} shard{'s' * (shards != 1)} in {result.out_dir}{kept}"
     click.echo(
-        f"wrote {result.n} samples (seed {result.seed}) to {result.path}: {result.seconds:.2f} s, "
+        f"wrote {result.n} samples (seed {result.seed}) to {where}: {result.seconds:.2f} s, "
         f"{result.samples_per_second:,.0f} samples/s"
     )
+
+
+def _sample_shards(
+    export_dir: str,
+    n: int,
+    out_dir: str,
+    seed: int | None,
+    shard_rows: int | None,
+    ray_address: str | None,
+    workers: int | None,
+    provider: str,
+    bar: Any,
+    opts: dict[str, Any],
+) -> Any:
+    common = dict(seed=seed, shard_rows=shard_rows, provider=provider, bernoulli=opts["bernoulli"], progress=bar.update)
+    if ray_address is None:
+        from vae_deploy.shards import write_shards
+
+        return write_shards(export_dir, n, out_dir, batch_size=opts["batch_size"], **common)
+    from vae_deploy.ray_sampling import RayOptions, write_shards_ray
+
+    address = None if ray_address == "local" else ray_address
+    options = RayOptions(address=address, workers=workers, batch_size=opts["batch_size"])
+    result = write_shards_ray(export_dir, n, out_dir, options=options, **common)
+    d = result.details
+    started = "started a local Ray" if d["address"] == "local" else f"joined {d['address']}"
+    click.echo(
+        f"ray: {started} in {result.setup_seconds:.1f} s; {d['workers']} decoder actors "
+        f"x {d['threads_per_worker']} thread(s), {d['actor_num_cpus']:g} CPU / {d['actor_num_gpus']:g} GPU each"
+    )
+    return result
 
 
 # --- export / verify ----------------------------------------------------------------------------
 
 
+def _sizes(value: str | None) -> list[tuple[int, int]] | None:
+    """'64x64,48x80' -> [(64, 64), (48, 80)]."""
+    if value is None:
+        return None
+    try:
+        out = [tuple(int(v) for v in item.lower().split("x")) for item in value.replace(" ", "").split(",") if item]
+    except ValueError:
+        out = []
+    if not out or any(len(s) != 2 or min(s) < 1 for s in out):
+        raise click.BadParameter(f"expected image sizes like 64x64,48x80, got {value!r}")
+    return out  # type: ignore[return-value]
+
+
+def _floats(value: str | None, n: int, what: str) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        out = tuple(float(v) for v in value.replace(" ", "").split(","))
+    except ValueError:
+        out = ()
+    if len(out) != n:
+        raise click.BadParameter(f"expected {what}, got {value!r}")
+    return out
+
+
 @cli.command("export")
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("source", required=False, type=click.Path())
 @click.option("--out", default="exported", show_default=True, help="Export folder (replaced atomically).")
 @click.option(
     "--formats",
-    default="onnx,torchscript",
-    show_default=True,
-    help="Comma-separated: onnx, torchscript, pt2 (torch.export, TorchScript's supported successor).",
+    help="Comma-separated: onnx, torchscript, pt2 (torch.export, TorchScript's supported successor). "
+    "Default: onnx,torchscript for a checkpoint, onnx for other VAEs.",
 )
 @click.option("--opset", type=int, help="ONNX opset (default: the exporter's, recorded in the manifest).")
 @click.option("--fp16", is_flag=True, help="Also write decoder.fp16.onnx (half precision inside, fp32 I/O).")
+@click.option("--int8", is_flag=True, help="Also write decoder.int8.onnx (static int8 for CPUs), gated against fp32.")
+@click.option("--int8-max-mean-error", type=float, help="int8 gate: mean |int8 - fp32| in 1/255 (default 0.5).")
+@click.option("--int8-max-error", type=float, help="int8 gate: largest |int8 - fp32| in 1/255 (default 4).")
+@click.option(
+    "--fp16-keep-fp32",
+    help="With --fp16, compute these in fp32: 'auto' (ops whose activations come near fp16's limit), "
+    "ONNX op types and/or node names, comma-separated.",
+)
 @click.option("--no-verify", is_flag=True, help="Skip the parity check against eager PyTorch.")
 @click.option("--data-root", help=DATA_ROOT_HELP + " (real images for the parity check)")
-def export_command(
-    checkpoint: str,
-    out: str,
-    formats: str,
-    opset: int | None,
-    fp16: bool,
-    no_verify: bool,
-    data_root: str | None,
-) -> None:
-    """Export encoder and decoder graphs from CHECKPOINT, verify them, and write the manifest."""
-    from vae_deploy.export import export
+@click.option("--factory", help="Your VAE: pkg.module:build or path/to/file.py:build, returning (encoder, decoder) "
+              "or a module with encode() and decode().")  # fmt: skip
+@click.option("--weights", type=click.Path(dir_okay=False), help="Weights for --factory (.safetensors or .pt).")
+@click.option("--image-shape", help="C,H,W to trace at (--factory: required; diffusers folder: default 6f x 8f).")
+@click.option("--value-range", help="--factory: low,high of its images (default 0,1).")
+@click.option("--scaling-factor", type=float, help="--factory: diffusion latent scale (default 1).")
+@click.option("--shift-factor", type=float, help="--factory: diffusion latent shift (default 0).")
+@click.option(
+    "--encoder-output",
+    type=click.Choice(("auto", "mean-logvar", "stacked", "latents")),
+    help="--factory: what the encoder returns (default auto: told apart by what the decoder takes).",
+)
+@click.option("--fixed-size", is_flag=True, help="--factory: export at the traced image size only.")
+@click.option("--verify-sizes", help="Image sizes to verify at, e.g. 64x64,48x80 (default: two per downsampling).")
+def export_command(source: str | None, out: str, **opts: Any) -> None:
+    """Export encoder and decoder graphs from SOURCE, verify them, and write the manifest.
 
-    export(
-        checkpoint,
+    SOURCE is one of our checkpoints, or a diffusers AutoencoderKL / AutoencoderTiny folder (or a
+    pipeline folder with vae/); or give --factory (and --weights) instead.
+    """
+    from vae_deploy.export_modules import export_source
+    from vae_deploy.quantize import int8_option
+
+    export_source(
+        source,
         out,
-        formats=formats,
-        opset=opset,
-        fp16=fp16,
-        verify=not no_verify,
-        data_root=data_root,
+        factory=opts.pop("factory"),
+        weights=opts.pop("weights"),
+        image_shape=_csv_ints(opts.pop("image_shape")),
+        value_range=_floats(opts.pop("value_range"), 2, "low,high (e.g. -1,1)"),
+        verify=not opts.pop("no_verify"),
+        dynamic_size=False if opts.pop("fixed_size") else None,
+        verify_sizes=_sizes(opts.pop("verify_sizes")),
+        fp16=opts.pop("fp16") or None,
+        int8=int8_option(opts.pop("int8"), opts.pop("int8_max_mean_error"), opts.pop("int8_max_error")) or None,
         log=click.echo,
+        **opts,
     )
 
 
 @cli.command("verify")
 @click.argument("export_dir", type=click.Path(file_okay=False))
-@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Eager reference (default: the manifest's).")
+@click.option(
+    "--checkpoint",
+    type=click.Path(),
+    help="Eager reference (default: the manifest's source): a checkpoint, a diffusers folder or a factory's weights.",
+)
 @click.option("--data-root", help=DATA_ROOT_HELP + " (real images; else seeded random inputs)")
-@click.option("--batch-sizes", default="1,7,256", show_default=True, help="Comma-separated batch sizes.")
+@click.option(
+    "--batch-sizes",
+    help="Comma-separated batch sizes (default: 1,7,256 for our checkpoints, else those recorded at export).",
+)
+@click.option("--sizes", help="Image sizes for exports that take any size, e.g. 64x64,48x80 (default: as exported).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the report as JSON.")
 def verify_command(
-    export_dir: str, checkpoint: str | None, data_root: str | None, batch_sizes: str, json_path: str | None
+    export_dir: str,
+    checkpoint: str | None,
+    data_root: str | None,
+    batch_sizes: str | None,
+    sizes: str | None,
+    json_path: str | None,
 ) -> None:
     """Check EXPORT_DIR's sha256s, then compare every graph and backend with eager PyTorch."""
     from vae_deploy.errors import ParityError
@@ -435,7 +630,8 @@ def verify_command(
         export_dir,
         checkpoint=checkpoint,
         data_root=data_root,
-        batch_sizes=_csv_ints(batch_sizes) or (),
+        batch_sizes=_csv_ints(batch_sizes),
+        sizes=_sizes(sizes),
         json_path=json_path,
         log=click.echo,
     )
@@ -492,6 +688,152 @@ def bench(
         click.echo(f"wrote {b.write_json(report, json_path)}")
     if plot:
         click.echo(f"wrote {b.plot_throughput(report, plot)}")
+
+
+# --- serve / triton -----------------------------------------------------------------------------
+
+
+@cli.command("serve")
+@click.argument("export_dir", type=click.Path(file_okay=False))
+@click.option("--replicas", default=1, show_default=True, type=click.IntRange(min=1), help="Replicas (Ray actors).")
+@click.option(
+    "--max-batch-size",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Rows per engine run that dynamic batching forms from waiting requests (1: no dynamic batching).",
+)
+@click.option(
+    "--batch-wait-ms",
+    default=2.0,
+    show_default=True,
+    type=click.FloatRange(0, 10_000),
+    help="How long a batch's first request waits for others.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0: any free port.")
+@click.option("--provider", default="auto", show_default=True, type=click.Choice(DEVICES))
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(("fp32", "fp16")))
+@click.option("--threads", type=click.IntRange(min=0), help="onnxruntime threads per replica (default: a share).")
+@click.option("--max-rows", default=4096, show_default=True, type=click.IntRange(min=1), help="Rows per request.")
+@click.option("--max-samples", default=4096, show_default=True, type=click.IntRange(min=1), help="n of /sample.")
+@click.option("--max-body-mb", default=32, show_default=True, type=click.IntRange(min=1), help="Request body size.")
+@click.option("--address", help="Ray cluster to deploy on (default: start a local one).")
+@click.option("--access-log", is_flag=True, help="Log every request (Ray Serve's access log).")
+def serve_command(
+    export_dir: str,
+    host: str,
+    port: int,
+    address: str | None,
+    max_rows: int,
+    max_samples: int,
+    max_body_mb: int,
+    **opts: Any,
+) -> None:
+    """Serve EXPORT_DIR over HTTP on Ray Serve until Ctrl-C.
+
+    GET /healthz, GET /metadata, POST /decode (JSON {"z": [[...]]} or .npy), POST /encode
+    (JSON {"x": ...} or .npy), GET /sample?n=&seed=[&format=png]. Needs the serve extra.
+    """
+    import signal
+
+    from vae_deploy.serve import ServeConfig, start
+    from vae_deploy.serve_api import ServeLimits
+
+    limits = ServeLimits(max_body_bytes=max_body_mb << 20, max_rows=max_rows, max_samples=max_samples)
+    config = ServeConfig(limits=limits, **opts)
+
+    def stop(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    server = start(export_dir, config, host=host, port=port, address=address, quiet=True)
+    # after ray.init, which installs its own SIGTERM handler: docker/systemd stop is a Ctrl-C here
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        batching = (
+            f"dynamic batching up to {config.max_batch_size} rows, {config.batch_wait_ms:g} ms wait"
+            if config.batching
+            else "no dynamic batching"
+        )
+        click.echo(f"serving {export_dir} at {server.url} ({config.replicas} replica(s), {batching})")
+        click.echo(f"  curl {server.url}/metadata    curl -o s.png '{server.url}/sample?n=16&seed=0&format=png'")
+        click.echo("Ctrl-C to stop")
+        server.wait()
+    except KeyboardInterrupt:
+        click.echo("stopping")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        server.shutdown()
+
+
+@cli.command("triton")
+@click.argument("export_dir", type=click.Path(file_okay=False))
+@click.option("--repo", required=True, type=click.Path(file_okay=False), help="Triton model repository folder.")
+@click.option("--name", default="vae", show_default=True, help="Models are NAME_decoder and NAME_encoder.")
+@click.option(
+    "--max-batch-size",
+    default=256,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Largest batch Triton forms or accepts (0: no batching).",
+)
+@click.option("--instances", default=1, show_default=True, type=click.IntRange(min=1), help="Instances per device.")
+@click.option("--kind", default="gpu", show_default=True, type=click.Choice(("gpu", "cpu")))
+@click.option("--tensorrt", is_flag=True, help="Run through onnxruntime's TensorRT provider (GPU).")
+@click.option("--tensorrt-precision", default="fp32", show_default=True, type=click.Choice(("fp32", "fp16")))
+@click.option(
+    "--precision", default="fp32", show_default=True, type=click.Choice(("fp32", "fp16")), help="Decoder file."
+)
+@click.option("--max-queue-delay-us", default=100, show_default=True, type=click.IntRange(min=0))
+@click.option("--preferred-batch-sizes", help="Comma-separated sizes dynamic batching aims for.")
+@click.option("--graphs", help="Comma-separated: decoder, encoder (default: all the export has).")
+def triton_command(
+    export_dir: str, repo: str, preferred_batch_sizes: str | None, graphs: str | None, **opts: Any
+) -> None:
+    """Write EXPORT_DIR's graphs as models of a Triton Inference Server repository.
+
+    Adds REPO/NAME_decoder (and NAME_encoder): config.pbtxt and 1/model.onnx. Other models in
+    REPO are left alone.
+    """
+    from vae_deploy.triton import TritonOptions, docker_command, write_repository
+
+    picked = tuple(g.strip() for g in graphs.split(",") if g.strip()) if graphs else None
+    options = TritonOptions(preferred_batch_sizes=_csv_ints(preferred_batch_sizes) or (), graphs=picked, **opts)
+    for model in write_repository(export_dir, repo, options):
+        _wrote(model.path)
+    click.echo(f"serve it with: {docker_command(repo, options.kind)}")
+
+
+# --- tune -------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("export_dir", type=click.Path(file_okay=False))
+@click.option("--graph", default="decoder", show_default=True, type=click.Choice(GRAPHS))
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(("fp32", "fp16", "int8")))
+@click.option("--seconds", default=5.0, show_default=True, type=float, help="Time spent measuring.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write what was measured as JSON.")
+@click.option("--no-save", is_flag=True, help="Measure and print only; leave the plan cache alone.")
+def tune(export_dir: str, graph: str, precision: str, seconds: float, json_path: str | None, no_save: bool) -> None:
+    """Measure CPU plans for EXPORT_DIR on this machine and cache the fastest.
+
+    VAERuntime (cpu_plan="auto", the default) and `vae-deploy sample` use the cached plan on this
+    machine; the cache is keyed by CPU, onnxruntime version and the graph file's sha256, and lives
+    in $VAE_DEPLOY_CACHE_DIR, else $XDG_CACHE_HOME/vae-deploy, else ~/.cache/vae-deploy.
+    """
+    import json
+
+    from vae_deploy.files import atomic_write_text
+    from vae_deploy.tune import tune_export
+
+    result, cached = tune_export(
+        export_dir, graph=graph, precision=precision, seconds=seconds, save=not no_save, log=click.echo
+    )
+    click.echo(result.table())
+    click.echo(f"cached for this machine: {cached.path}" if cached else "not cached (--no-save)")
+    if json_path:
+        atomic_write_text(json_path, json.dumps(result.to_dict(), indent=2) + "\n")
+        click.echo(f"wrote {json_path}")
 
 
 # --- entry point --------------------------------------------------------------------------------

@@ -21,10 +21,18 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-ARCHS = ("mlp", "conv")
-ACTIVATIONS = ("relu", "tanh")
+ARCHS = ("mlp", "conv", "resconv")
+ACTIVATIONS = ("relu", "tanh", "silu")
 LOSSES = ("bce", "mse", "l1")
-DATASETS = ("mnist", "fashion-mnist", "synthetic")
+DATASETS = ("mnist", "fashion-mnist", "synthetic", "folder", "cifar10", "celeba", "digits")
+# Datasets whose images have one size; the others (folder, celeba, synthetic) are made to fit the
+# model's image_shape. A recipe or command line that names one of these and no image_shape gets it.
+NATIVE_SHAPES: dict[str, tuple[int, int, int]] = {
+    "mnist": (1, 28, 28),
+    "fashion-mnist": (1, 28, 28),
+    "cifar10": (3, 32, 32),
+    "digits": (1, 8, 8),
+}
 DEVICES = ("auto", "cpu", "cuda")  # training devices and runtime providers alike
 
 
@@ -38,7 +46,12 @@ MAX_SEED = 2**32 - 1
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of a VAE. ``image_shape`` is (channels, height, width)."""
+    """Architecture of a VAE. ``image_shape`` is (channels, height, width).
+
+    ``conv_channels`` are the channels after each stride-2 step of the ``conv`` and ``resconv``
+    encoders (the decoders mirror them); ``res_blocks`` is the number of residual blocks per
+    resolution in ``resconv``.
+    """
 
     arch: str = "mlp"
     latent_dim: int = 20
@@ -46,19 +59,21 @@ class ModelConfig:
     activation: str = "relu"
     conv_channels: tuple[int, ...] = (32, 64)
     image_shape: tuple[int, int, int] = (1, 28, 28)
+    res_blocks: int = 1
 
     def __post_init__(self) -> None:
         _check_types(self)
         _choice(self, "arch", ARCHS)
         _choice(self, "activation", ACTIVATIONS)
         _in_range(self, "latent_dim", 1, MAX_SIZE)
+        _in_range(self, "res_blocks", 0, MAX_LAYERS)
         for name in ("hidden", "conv_channels"):
             sizes = getattr(self, name)
             if len(sizes) > MAX_LAYERS or any(not 1 <= s <= MAX_SIZE for s in sizes):
                 raise ConfigError(f"{name} must be at most {MAX_LAYERS} sizes in 1..{MAX_SIZE}, got {_show(sizes)}")
         if self.arch == "mlp" and not self.hidden:
             raise ConfigError(f"hidden must be a non-empty list of positive sizes, got {self.hidden}")
-        if self.arch == "conv" and not self.conv_channels:
+        if self.arch in ("conv", "resconv") and not self.conv_channels:
             raise ConfigError("conv_channels must be a non-empty list of positive channel counts")
         c, h, w = self.image_shape
         if min(self.image_shape) < 1 or c * h * w > MAX_SIZE:
@@ -265,8 +280,22 @@ def load_recipe(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
 def make_configs(
     model: dict[str, Any] | None = None, train: dict[str, Any] | None = None
 ) -> tuple[ModelConfig, TrainConfig]:
-    """Validate raw dicts into configs, naming the offending key on error."""
-    return _build(ModelConfig, model or {}, "[model]"), _build(TrainConfig, train or {}, "[train]")
+    """Validate raw dicts into configs, naming the offending key on error.
+
+    A model without an ``image_shape`` gets its dataset's (see :data:`NATIVE_SHAPES`); ``folder``
+    and ``celeba`` images are resized to the shape asked for, so they need one.
+    """
+    train_cfg = _build(TrainConfig, train or {}, "[train]")
+    model = model or {}
+    if isinstance(model, dict) and "image_shape" not in model:
+        if train_cfg.dataset in NATIVE_SHAPES:
+            model = {**model, "image_shape": NATIVE_SHAPES[train_cfg.dataset]}
+        elif train_cfg.dataset in ("folder", "celeba"):
+            raise ConfigError(
+                f"bad value in [model]: image_shape is needed for dataset {train_cfg.dataset}, whose images are "
+                "resized to it (--image-shape C,H,W or image_shape = [C, H, W]; e.g. 3,64,64)"
+            )
+    return _build(ModelConfig, model, "[model]"), train_cfg
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -17,11 +17,23 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from vae_deploy.errors import ExportError
+from vae_deploy.errors import ExportError, UsageError
 
 FORMAT = "vae-deploy-export"
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+
+# --- the sampling stream ------------------------------------------------------------------------
+# How ``VAERuntime.sample(n, seed)`` draws its randomness (docs/CONTRACT.md has the numpy recipe).
+# It belongs to the runtime, not to the export files: every export, old or new, samples with the
+# stream of the vae-deploy that runs it, and sample files (shard indexes) record its version.
+# Version 1 (vae-deploy 0.1): one sequential PCG64 stream per seed, so row i could not be drawn
+# without drawing rows 0..i-1. Version 2: rows come in blocks of SAMPLE_BLOCK_ROWS, block k with
+# its own key (seed, spawn_key=(k,)), so row i depends only on (seed, i) and any worker can draw
+# any row range.
+SAMPLE_STREAM_VERSION = 2
+SAMPLE_BLOCK_ROWS = 1024  # rows per keyed block; fixed forever for stream version 2
+SAMPLE_PIXEL_KEY = 1  # Bernoulli uniforms of block k: spawn_key=(k, SAMPLE_PIXEL_KEY)
 
 # --- names --------------------------------------------------------------------------------------
 
@@ -33,21 +45,25 @@ LOGVAR = "logvar"  # encoder output: posterior log-variance (optional)
 LATENT = "z"  # decoder input: latents [batch, *latent_shape]
 RECON = "x_hat"  # decoder output: images [batch, C, H, W] in value_range
 BATCH = "batch"  # the symbolic dimension every tensor starts with
+HEIGHT, WIDTH = "height", "width"  # symbolic image sizes of spatial-latent VAEs
+LATENT_HEIGHT, LATENT_WIDTH = "latent_height", "latent_width"  # = height / downsampling_factor, ...
 
 # (graph, format) -> file name. A format names the file kind and its precision.
 FILES: dict[tuple[str, str], str] = {
     (ENCODER, "onnx"): "encoder.onnx",
     (DECODER, "onnx"): "decoder.onnx",
     (DECODER, "onnx-fp16"): "decoder.fp16.onnx",
+    (DECODER, "onnx-int8"): "decoder.int8.onnx",
     (ENCODER, "torchscript"): "encoder.torchscript",
     (DECODER, "torchscript"): "decoder.torchscript",
     (ENCODER, "pt2"): "encoder.pt2",
     (DECODER, "pt2"): "decoder.pt2",
 }
-ONNX_FORMATS = ("onnx", "onnx-fp16")  # the files onnxruntime runs
+ONNX_FORMATS = ("onnx", "onnx-fp16", "onnx-int8")  # the files onnxruntime runs
 TORCH_FORMATS = ("torchscript", "pt2")
-PRECISION = {"onnx": "fp32", "onnx-fp16": "fp16", "torchscript": "fp32", "pt2": "fp32"}
-PRECISION_FORMAT = {"fp32": "onnx", "fp16": "onnx-fp16"}  # the ONNX decoder file of a precision
+PRECISION = {"onnx": "fp32", "onnx-fp16": "fp16", "onnx-int8": "int8", "torchscript": "fp32", "pt2": "fp32"}
+PRECISION_FORMAT = {"fp32": "onnx", "fp16": "onnx-fp16", "int8": "onnx-int8"}  # the ONNX decoder file of each
+PRECISIONS = tuple(PRECISION_FORMAT)
 EXPORT_FILES = (MANIFEST, *FILES.values())  # every name an export may hold; anything else is not ours
 
 
@@ -67,6 +83,7 @@ META_IMAGE_SHAPE = "vae_deploy.image_shape"
 META_VALUE_RANGE = "vae_deploy.value_range"
 META_SCALING_FACTOR = "vae_deploy.scaling_factor"
 META_SHIFT_FACTOR = "vae_deploy.shift_factor"
+META_DOWNSAMPLING_FACTOR = "vae_deploy.downsampling_factor"  # spatial latents only ("8")
 META_PRECISION = "vae_deploy.precision"
 META_PRODUCER_VERSION = "vae_deploy.producer_version"
 META_FORMAT_VERSION = "vae_deploy.format_version"
@@ -78,6 +95,7 @@ METADATA_KEYS = (
     META_VALUE_RANGE,
     META_SCALING_FACTOR,
     META_SHIFT_FACTOR,
+    META_DOWNSAMPLING_FACTOR,
     META_PRECISION,
     META_PRODUCER_VERSION,
     META_FORMAT_VERSION,
@@ -161,11 +179,18 @@ class Tolerance:
 # re-association in fused kernels); TorchScript and pt2 match exactly. 40-80x headroom, yet any
 # real bug (a wrong weight, op or layout) moves outputs by 1e-3 or more. fp16 (11-bit significand):
 # the fp16 decoder's x_hat measured <= 1.5e-4. Exporters of larger graphs record larger ones.
+# int8 (static, per-tensor; vae_deploy.quantize): the export gate's default largest error,
+# INT8_MAX_ERROR_255 levels of 255 over the value range (measured on the MNIST MLP: max 0.9/255
+# against fp32 over 4096 prior draws); the exporter records the one it checked.
+INT8_MEAN_ERROR_255 = 0.5  # the int8 export gate: mean |int8 - fp32| in 1/255 of the value range
+INT8_MAX_ERROR_255 = 4.0  # ... and the largest
 DEFAULT_TOLERANCES: dict[tuple[str, str], Tolerance] = {
     ("fp32", ENCODER): Tolerance(atol=1e-4, rtol=1e-5),
     ("fp32", DECODER): Tolerance(atol=1e-5),
     ("fp16", ENCODER): Tolerance(atol=5e-2, rtol=1e-2),
     ("fp16", DECODER): Tolerance(atol=1e-2),
+    ("int8", ENCODER): Tolerance(atol=5e-2, rtol=1e-2),
+    ("int8", DECODER): Tolerance(atol=INT8_MAX_ERROR_255 / 255),
 }
 
 
@@ -220,11 +245,57 @@ class ModelSpec:
     scaling_factor: float = 1.0
     shift_factor: float = 0.0
     source: dict[str, Any] = field(default_factory=dict, compare=False)
+    downsampling_factor: int | None = None
 
     @property
     def latent_dim(self) -> int | None:
         """d for vector latents ``[N, d]``; None for spatial ones."""
         return self.latent_shape[0] if len(self.latent_shape) == 1 and isinstance(self.latent_shape[0], int) else None
+
+    @property
+    def dynamic_size(self) -> bool:
+        """Whether image (and latent) height and width are symbolic: any multiple of the factor."""
+        return any(isinstance(d, str) for d in (*self.image_shape, *self.latent_shape))
+
+    def shapes_at(
+        self, image_size: tuple[int, int] | None = None, latent_size: tuple[int, int] | None = None
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(latent_shape, image_shape) with every size fixed: as declared for a fixed-size model, else
+        at ``image_size`` (H, W: multiples of ``downsampling_factor``) or ``latent_size`` (h, w).
+        UsageError saying what is expected otherwise."""
+        if not self.dynamic_size:
+            fixed = (tuple(self.latent_shape), tuple(self.image_shape))
+            for name, value, own in (("image_size", image_size, fixed[1]), ("latent_size", latent_size, fixed[0])):
+                if value is not None and (len(own) < 3 or tuple(value) != tuple(own[-2:])):
+                    raise UsageError(
+                        f"this model has fixed sizes (latent {list(fixed[0])}, image {list(fixed[1])}); "
+                        f"{name}={value!r} does not fit them"
+                    )
+            return fixed  # type: ignore[return-value]
+        f = self.downsampling_factor
+        if (image_size is None) == (latent_size is None):
+            raise UsageError(
+                f"this model takes any image size (multiples of {f or '?'}): give exactly one of "
+                "image_size=(height, width) or latent_size=(latent_height, latent_width)"
+            )
+        if f is None:
+            raise UsageError("this export records no downsampling_factor, so sizes cannot be derived")
+        named = "image_size" if image_size is not None else "latent_size"
+        size = image_size if image_size is not None else latent_size
+        ok = isinstance(size, (tuple, list)) and len(size) == 2
+        if not ok or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in size):
+            raise UsageError(f"{named} must be two positive integers (height, width), got {size!r}")
+        if image_size is not None and (size[0] % f or size[1] % f):
+            raise UsageError(f"image_size must be multiples of the downsampling factor {f}, got {list(size)}")
+        h, w = (size[0] // f, size[1] // f) if image_size is not None else tuple(size)
+        values = {HEIGHT: h * f, WIDTH: w * f, LATENT_HEIGHT: h, LATENT_WIDTH: w}
+        try:
+            return (
+                tuple(values[d] if isinstance(d, str) else d for d in self.latent_shape),
+                tuple(values[d] if isinstance(d, str) else d for d in self.image_shape),
+            )
+        except KeyError as exc:
+            raise UsageError(f"unknown symbolic size {exc.args[0]!r} in this export's shapes") from None
 
     def encoder(self, precision: str = "fp32", tolerance: Tolerance | None = None) -> GraphSpec:
         latent = (BATCH, *self.latent_shape)
@@ -266,10 +337,12 @@ class ModelSpec:
         }
         if self.latent_dim is not None:
             props[META_LATENT_DIM] = str(self.latent_dim)
+        if self.downsampling_factor is not None:
+            props[META_DOWNSAMPLING_FACTOR] = str(self.downsampling_factor)
         return props
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "latent_shape": list(self.latent_shape),
             "image_shape": list(self.image_shape),
             "value_range": list(self.value_range),
@@ -278,6 +351,9 @@ class ModelSpec:
             "shift_factor": self.shift_factor,
             "source": dict(self.source),
         }
+        if self.downsampling_factor is not None:
+            out["downsampling_factor"] = self.downsampling_factor
+        return out
 
 
 # --- the manifest -------------------------------------------------------------------------------
@@ -378,6 +454,9 @@ def _model_v2(data: dict[str, Any], where: str) -> ModelSpec:
     if not isinstance(has_logvar, bool):
         raise ExportError(f"{where}: has_logvar must be true or false")
     source = data.get("source", {})
+    factor = data.get("downsampling_factor")
+    if factor is not None and (isinstance(factor, bool) or not isinstance(factor, int) or factor < 1):
+        raise ExportError(f"{where}: downsampling_factor must be a positive integer, got {_short(factor)}")
     return ModelSpec(
         tuple(latent),
         tuple(image),
@@ -386,6 +465,7 @@ def _model_v2(data: dict[str, Any], where: str) -> ModelSpec:
         float(factors[0]),
         float(factors[1]),
         source if isinstance(source, dict) else {},
+        factor,
     )
 
 
@@ -407,8 +487,8 @@ def _file_entry(model: ModelSpec, graph: str, fmt: str, entry: Any, version: int
     if not isinstance(entry.get("sha256"), str) or len(entry["sha256"]) != 64:
         raise ExportError(f"{where} has no valid 'sha256'")
     precision = entry.get("precision", PRECISION.get(fmt, "fp32"))
-    if precision not in ("fp32", "fp16"):
-        raise ExportError(f"{where}: precision must be fp32 or fp16, got {_short(precision)}")
+    if precision not in PRECISIONS:
+        raise ExportError(f"{where}: precision must be one of {', '.join(PRECISIONS)}, got {_short(precision)}")
     tolerance = Tolerance.from_dict(entry["tolerance"], where) if "tolerance" in entry else None
     spec = model.graph(graph, precision, tolerance)
     if version >= 2:  # the file's own I/O record must be the model's contract

@@ -1,9 +1,14 @@
-"""Datasets as in-memory float tensors [N,C,H,W] in [0,1] with integer labels.
+"""Datasets as in-memory tensors [N,C,H,W] with integer labels, split into train and validation.
 
-Reads a torchvision-style root (``ROOT/MNIST/raw/*-idx?-ubyte[.gz]``): through torchvision when
-the files it expects are there (or with ``download=True``), else with a small IDX reader. When only
-the 10,000-image t10k split exists, it is split deterministically into 9,000 train / 1,000
-validation images, and the returned ``Splits.note`` says so.
+``load_splits(name, ...)`` is the one entry point. The MNIST family is read here from a
+torchvision-style root (``ROOT/MNIST/raw/*-idx?-ubyte[.gz]``): through torchvision when the files
+it expects are there (or with ``download=True``), else with a small IDX reader. ``folder``,
+``cifar10``, ``celeba`` and ``digits`` come from :mod:`vae_deploy.datasets`. A dataset without its
+own validation split (a folder, digits, MNIST's t10k file alone) is split by :func:`split_indices`:
+one fixed permutation, the first 90% train and the rest validation, and ``Splits.note`` says so.
+
+Images are float32 in [0, 1] by default; ``as_float=False`` keeps them as stored (uint8 0..255 for
+real images) at a quarter of the memory, and :func:`to_unit_float` converts each batch.
 """
 
 from __future__ import annotations
@@ -21,30 +26,46 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vae_deploy.config import DATASETS
+from vae_deploy.datasets import DATA_ENV, load_image_data, resolve_data_root
+from vae_deploy.datasets import NAMES as IMAGE_DATASETS
 from vae_deploy.errors import DataError, UsageError
 from vae_deploy.resources import gib, require_memory
 
-DATA_ENV = "VAE_DEPLOY_DATA"
 _FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+_CLASSES = {
+    "mnist": tuple(str(i) for i in range(10)),
+    "fashion-mnist": ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"),
+}
 _T10K_TRAIN = 9000  # t10k-only fallback: first 9,000 (after a fixed shuffle) train, rest validate
 _SPLIT_SEED = 20240521
 
 
 @dataclass(frozen=True)
 class Splits:
-    """Train/validation images [N,C,H,W] float32 in [0,1] and labels [N] int64."""
+    """Train/validation images [N,C,H,W] and labels [N] int64; images float32 in [0,1] (or as stored,
+    uint8, with ``load_splits(..., as_float=False)``). ``classes`` names the labels where known."""
 
     train_x: Tensor
     train_y: Tensor
     val_x: Tensor
     val_y: Tensor
     note: str
+    classes: tuple[str, ...] = ()
 
 
-def resolve_data_root(data_root: str | os.PathLike | None) -> Path | None:
-    """``data_root`` if given, else ``$VAE_DEPLOY_DATA``, else None."""
-    root = data_root if data_root else os.environ.get(DATA_ENV)
-    return Path(root).expanduser() if root else None
+def to_unit_float(x: Tensor) -> Tensor:
+    """A batch as float32 in [0, 1]: uint8 images are divided by 255, float ones returned as they are."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x
+
+
+def split_indices(n: int, cut: int | None = None) -> tuple[Tensor, Tensor]:
+    """The deterministic split of n images: one fixed permutation (seed ``_SPLIT_SEED``), its first
+    ``cut`` (default 90%, rounded down) indices train, the rest validation. A folder of MNIST's
+    t10k images, named in their file order, splits exactly as the built-in t10k fallback."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(_SPLIT_SEED))
+    cut = n * 9 // 10 if cut is None else cut
+    return perm[:cut], perm[cut:]
 
 
 IDX_MAX_DIMS = 4  # MNIST-style files have 1 (labels) or 3 (images)
@@ -172,15 +193,18 @@ def load_splits(
     train_limit: int | None = None,
     val_limit: int | None = None,
     image_shape: tuple[int, int, int] | None = None,
+    as_float: bool = True,
 ) -> Splits:
-    """Load train/validation splits of ``dataset`` (``mnist``, ``fashion-mnist`` or ``synthetic``).
+    """Load train/validation splits of ``dataset`` (one of ``config.DATASETS``).
 
-    ``image_shape`` (C, H, W) shapes the ``synthetic`` images (default 1x28x28), so plumbing data
-    fits any model; real datasets have their own shape. An empty split is a DataError.
+    ``image_shape`` (C, H, W) shapes the ``synthetic`` images (default 1x28x28) and the images of
+    ``folder`` and ``celeba`` (decoded to it); the other datasets have their own shape. An empty
+    split is a DataError. ``as_float=False`` returns the images as stored (uint8 for real data).
     """
     for name, lim in (("train_limit", train_limit), ("val_limit", val_limit)):
         if lim is not None and lim < 1:
             raise UsageError(f"{name} must be a positive integer, got {lim}")
+    classes: tuple[str, ...] = ()
     if dataset == "synthetic":
         shape = tuple(image_shape) if image_shape is not None else (1, 28, 28)
         require_memory(3 * 2400 * 4 * math.prod(shape), f"synthetic data of shape {shape}", "use smaller images")
@@ -188,20 +212,66 @@ def load_splits(
         tx, ty, vx, vy, note = x[:2000], y[:2000], x[2000:], y[2000:], "synthetic: 2,000 train / 400 val"
     elif dataset in _FOLDERS:
         tx, ty, vx, vy, note = _load_real(dataset, data_root, download)
+        classes = _CLASSES[dataset]
+    elif dataset in IMAGE_DATASETS:
+        tx, ty, vx, vy, note, classes = _load_images(
+            dataset, data_root, image_shape, download, train_limit, val_limit, as_float
+        )
     else:
-        raise UsageError(f"dataset must be one of mnist, fashion-mnist, synthetic; got {dataset!r}")
+        raise UsageError(f"dataset must be one of {', '.join(DATASETS)}; got {dataset!r}")
     for split, images in (("training", tx), ("validation", vx)):
         if len(images) == 0:
             raise DataError(f"{dataset}'s {split} split is empty ({note}): expected at least one image")
-    if tx.dtype == torch.uint8:
-        tx, vx = tx.float() / 255.0, vx.float() / 255.0
-    if binarize:
-        tx, vx = (tx > 0.5).float(), (vx > 0.5).float()
     if train_limit:
         tx, ty = tx[:train_limit], ty[:train_limit]
     if val_limit:
         vx, vy = vx[:val_limit], vy[:val_limit]
-    return Splits(tx.contiguous(), ty, vx.contiguous(), vy, note)
+    if binarize:
+        tx, vx = (_binarize(t) for t in (tx, vx))
+    if as_float:
+        tx, vx = to_unit_float(tx), to_unit_float(vx)
+    return Splits(tx.contiguous(), ty, vx.contiguous(), vy, note, classes)
+
+
+def _binarize(x: Tensor) -> Tensor:
+    """Pixels above 0.5 become 1, the rest 0 (255 and 0 for uint8 images: v/255 > 0.5 iff v >= 128)."""
+    if x.dtype == torch.uint8:
+        return (x >= 128).to(torch.uint8).mul_(255)
+    return (x > 0.5).float()
+
+
+def _load_images(
+    dataset: str,
+    data_root: str | os.PathLike | None,
+    image_shape: tuple[int, int, int] | None,
+    download: bool,
+    train_limit: int | None,
+    val_limit: int | None,
+    as_float: bool,
+) -> tuple:
+    """A dataset of :mod:`vae_deploy.datasets`, split, limited and copied out of its (memory-mapped)
+    store: only the rows kept are read."""
+    root = Path(data_root).expanduser() if data_root else (None if dataset == "folder" else resolve_data_root(None))
+    if download and root is not None:
+        root.mkdir(parents=True, exist_ok=True)
+    shape = tuple(image_shape) if image_shape is not None else None
+    d = load_image_data(dataset, root, shape, download)  # type: ignore[arg-type]
+    n, note = len(d.x), d.note
+    if d.val_from is None:
+        if n < 2:
+            raise DataError(f"{note}: expected at least 2 images (one for validation)")
+        tr, va = split_indices(n)
+        note += f"; split deterministically (fixed seed): {len(tr):,} train / {len(va):,} validation"
+    else:
+        tr, va = torch.arange(d.val_from), torch.arange(d.val_from, n)
+    tr, va = tr[:train_limit], va[:val_limit]
+    row = math.prod(d.x.shape[1:])
+    per_image = row * (5 if as_float else 1)  # the uint8 rows, and their float32 copies
+    what = f"loading {dataset} ({len(tr) + len(va):,} images of {list(d.x.shape[1:])})"
+    require_memory((len(tr) + len(va)) * per_image, what, "use --train-limit or smaller images")
+    take = [np.ascontiguousarray(d.x[idx.numpy()]) for idx in (tr, va)]
+    labels = [torch.from_numpy(d.y[idx.numpy()].astype(np.int64)) for idx in (tr, va)]
+    return torch.from_numpy(take[0]), labels[0], torch.from_numpy(take[1]), labels[1], note, d.classes
 
 
 def _load_real(dataset: str, data_root: str | os.PathLike | None, download: bool) -> tuple:
@@ -228,11 +298,11 @@ def _load_real(dataset: str, data_root: str | os.PathLike | None, download: bool
     if train is not None and test is not None:
         return (*train, *test, f"{dataset}: train split ({len(train[0]):,}) / t10k as validation")
     x, y = test if test is not None else train
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(_SPLIT_SEED))
     cut = min(_T10K_TRAIN, int(len(x) * 0.9))
+    tr, va = split_indices(len(x), cut)
     which = "t10k" if test is not None else "train"
     note = (
         f"{dataset}: only the {which} split ({len(x):,} images) is present; split it "
         f"deterministically into {cut:,} train / {len(x) - cut:,} validation"
     )
-    return x[perm[:cut]], y[perm[:cut]], x[perm[cut:]], y[perm[cut:]], note
+    return x[tr], y[tr], x[va], y[va], note

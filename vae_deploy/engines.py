@@ -33,13 +33,17 @@ def cpu_count() -> int:
 class CpuPlan:
     """How the CPU sessions are set up and which one serves a batch.
 
-    Batches of up to ``small_batch_max`` rows run on a single-threaded session; larger batches
-    run on a session with ``threads`` intra-op threads (0: onnxruntime's default, one per physical
-    core). ``spinning`` lets pool threads busy-wait for work instead of sleeping. ``sample_batch``
-    is ``sample``'s default batch size. A batch of more than ``max_rows`` rows (0: no limit) runs
-    as consecutive runs of ``max_rows`` rows, each writing straight into its rows of one output
-    array (the hidden activations of a chunk stay in cache). A plan never changes results, only
-    speed. The defaults and what was tried on which CPU are in benchmarks/README.md.
+    Batches of up to ``small_batch_max`` rows run on a session with ``small_threads`` intra-op
+    threads (``small_spinning``: its pool busy-waits); larger ones on a session with ``threads``
+    (0: onnxruntime's default, one per physical core) and ``spinning``. ``sample_batch`` is
+    ``sample``'s default batch size. A batch of more than ``max_rows`` rows (0: no limit) runs as
+    consecutive runs of ``max_rows`` rows, each writing straight into its rows of one output array
+    (the hidden activations of a chunk stay in cache). A plan never changes results, only speed:
+    every output row is computed by the same kernels whatever the thread count or chunk.
+
+    The defaults are a reasonable plan for any CPU; ``vae-deploy tune`` (vae_deploy.tune) measures
+    the candidates on this machine and caches the fastest (vae_deploy.plans). What was tried on
+    which CPU is in benchmarks/README.md.
     """
 
     small_batch_max: int = 0
@@ -47,23 +51,41 @@ class CpuPlan:
     spinning: bool = True
     sample_batch: int = 256
     max_rows: int = 1024
+    small_threads: int = 1
+    small_spinning: bool = False
 
     def __post_init__(self) -> None:
-        values = (self.small_batch_max, self.threads, self.max_rows, self.sample_batch)
-        if any(isinstance(v, bool) or not isinstance(v, int) for v in values) or not isinstance(self.spinning, bool):
-            raise UsageError(f"CpuPlan fields must be integers (spinning a bool): {self}")
-        if min(self.small_batch_max, self.threads, self.max_rows) < 0 or self.sample_batch < 1:
-            raise UsageError(f"CpuPlan needs small_batch_max, threads, max_rows >= 0 and sample_batch >= 1: {self}")
+        ints = (self.small_batch_max, self.threads, self.max_rows, self.sample_batch, self.small_threads)
+        bools = (self.spinning, self.small_spinning)
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in ints) or not all(
+            isinstance(b, bool) for b in bools
+        ):
+            raise UsageError(f"CpuPlan fields must be integers (spinning, small_spinning bools): {self}")
+        if min(ints) < 0 or self.sample_batch < 1:
+            raise UsageError(
+                f"CpuPlan needs small_batch_max, threads, small_threads, max_rows >= 0 and sample_batch >= 1: {self}"
+            )
 
     def two_sessions(self) -> bool:
-        """Whether small batches get their own single-thread session (needs a pool of > 1 thread)."""
-        if self.small_batch_max == 0 or self.threads == 1:
+        """Whether small batches get a session of their own (its settings differ from the large one's)."""
+        if self.small_batch_max == 0:
             return False
-        return self.threads > 1 or cpu_count() > 1
+        small, large = self.small_threads or cpu_count(), self.threads or cpu_count()
+        return small != large or (large > 1 and self.small_spinning != self.spinning)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> CpuPlan:
+        """A plan from its ``to_dict`` (UsageError for unknown fields or bad values)."""
+        if not isinstance(data, dict) or set(data) - set(cls.__dataclass_fields__):
+            raise UsageError(f"a CpuPlan needs a dict of {sorted(cls.__dataclass_fields__)}, got {data!r:.200}")
+        return cls(**data)
 
 
 class CpuEngine:
-    """One ONNX graph on the CPU: a single-thread session for small batches, a pooled one for large."""
+    """One ONNX graph on the CPU: a session for small batches and one for large (one if they agree)."""
 
     provider = "cpu"
 
@@ -72,13 +94,21 @@ class CpuEngine:
         self.large = sessions.cpu_session(model, name, sessions.cpu_options(plan.threads, plan.spinning, log_level))
         sessions.check_signature(self.large, spec, name)
         two = plan.two_sessions()
-        self.small = sessions.cpu_session(model, name, sessions.cpu_options(1, False, log_level)) if two else self.large
+        small_options = sessions.cpu_options(plan.small_threads, plan.small_spinning, log_level)
+        self.small = sessions.cpu_session(model, name, small_options) if two else self.large
         self.small_max = plan.small_batch_max if two else 0
         self.input = spec.input_names[0]
         self.outputs = spec.output_names
         # chunked runs need outputs with fixed rows (dynamic height/width are sized by onnxruntime)
         static = all(t.static_rows and t.dtype == "float32" for t in spec.outputs)
         self.row_shapes = [tuple(t.row_shape) for t in spec.outputs] if static else None
+        # the per-call path, decided once: bound methods, the batch size above which runs are
+        # chunked, and one RunOptions for every call (onnxruntime builds a default one per call
+        # when given None: measured ~2 µs of a ~25-35 µs batch-1 run; read-only, so shareable)
+        self.chunk_over = plan.max_rows if plan.max_rows and static else 2**62
+        self._small_run, self._large_run = self.small.run, self.large.run
+        self._first = self.outputs[:1]
+        self._options = ort.RunOptions()
 
     def session_for(self, batch_size: int) -> Any:
         """The onnxruntime session that serves a batch of this size."""
@@ -87,39 +117,46 @@ class CpuEngine:
     def settings_for(self, batch_size: int) -> dict[str, Any]:
         """Threads, spinning and row chunking used for a batch of this size (for reports)."""
         small = batch_size <= self.small_max
-        threads = 1 if small else self.plan.threads
+        threads = self.plan.small_threads if small else self.plan.threads
         out: dict[str, Any] = {
             "ort_intra_op": threads if threads > 0 else f"default ({cpu_count()})",
             "ort_inter_op": 1,
-            "spinning": False if small else self.plan.spinning,
+            "spinning": self.plan.small_spinning if small else self.plan.spinning,
             "optimization": "ORT_ENABLE_ALL",
         }
-        if self._chunked(batch_size):
+        if batch_size > self.chunk_over:
             out["rows_per_run"] = self.plan.max_rows
         return out
 
-    def _chunked(self, n: int) -> bool:
-        return 0 < self.plan.max_rows < n and self.row_shapes is not None
-
     def run(self, x: np.ndarray) -> list[np.ndarray]:
         """Outputs in the contract's order for a C-contiguous input batch."""
-        sess = self.session_for(x.shape[0])
-        if not self._chunked(x.shape[0]):
-            return sess.run(self.outputs, {self.input: x})
-        outs = [np.empty((x.shape[0], *shape), np.float32) for shape in self.row_shapes]
-        self._run_chunks(sess, x, outs)
+        n = x.shape[0]
+        if n <= self.chunk_over:
+            run = self._small_run if n <= self.small_max else self._large_run
+            return run(self.outputs, {self.input: x}, self._options)
+        outs = [np.empty((n, *shape), np.float32) for shape in self.row_shapes]
+        self._run_chunks(self.session_for(n), x, outs)
         return outs
+
+    def run_first(self, x: np.ndarray) -> np.ndarray:
+        """The first output only (the decoder's image): the lean per-call path ``decode`` uses."""
+        n = x.shape[0]
+        if n <= self.small_max:
+            return self._small_run(self._first, {self.input: x}, self._options)[0]
+        if n <= self.chunk_over:
+            return self._large_run(self._first, {self.input: x}, self._options)[0]
+        return self.run(x)[0]
 
     def run_into(self, x: np.ndarray, out: np.ndarray) -> None:
         """Write the (single) output straight into ``out`` (float32, C-contiguous): no extra copy."""
         sess = self.session_for(x.shape[0])
-        if self._chunked(x.shape[0]):
+        if x.shape[0] > self.chunk_over:
             self._run_chunks(sess, x, [out])
             return
         binding = sess.io_binding()
         binding.bind_cpu_input(self.input, x)
         sessions.bind_cpu_output(binding, self.outputs[0], out)
-        sess.run_with_iobinding(binding)
+        sess.run_with_iobinding(binding, self._options)
 
     def _run_chunks(self, sess: Any, x: np.ndarray, outs: list[np.ndarray]) -> None:
         rows_per_run = self.plan.max_rows
@@ -129,7 +166,7 @@ class CpuEngine:
             binding.bind_cpu_input(self.input, x[rows])
             for name, out in zip(self.outputs, outs):
                 sessions.bind_cpu_output(binding, name, out[rows])
-            sess.run_with_iobinding(binding)
+            sess.run_with_iobinding(binding, self._options)
 
 
 @dataclass
@@ -208,6 +245,9 @@ class CudaEngine:
                     self.graph_session = None
             return self._run_bound(x).copy_outputs_to_cpu()
 
+    def run_first(self, x: np.ndarray) -> np.ndarray:
+        return self.run(x)[0]
+
     def run_into(self, x: np.ndarray, out: np.ndarray) -> None:
         out[...] = self.run(x)[0]
 
@@ -260,8 +300,9 @@ class CudaEngine:
 
     def run_device_into(self, x: np.ndarray, out: Any, row: int) -> None:
         """Write the first output into rows [row, row + len(x)) of a CUDA float32 OrtValue."""
-        shape = [x.shape[0], *self.row_shapes[0]]
-        row_bytes = 4 * math.prod(self.row_shapes[0])
+        row_shape = list(out.shape()[1:])  # the output's own rows: fixed, or this call's height and width
+        shape = [x.shape[0], *row_shape]
+        row_bytes = 4 * math.prod(row_shape)
         with self._lock:
             binding = self.session.io_binding()
             binding.bind_cpu_input(self.input, x)

@@ -67,6 +67,14 @@ class TrainingDiverged(VaeDeployError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+class ServeError(VaeDeployError):
+    """A server could not start or deploy (port taken, too few CPUs in the cluster, replicas failing)."""
+
+
+class ClusterError(VaeDeployError):
+    """A cluster engine we run on (Ray) could not be started or joined, or failed a job."""
+
+
 class MissingExtraError(VaeDeployError):
     """An optional dependency (e.g. torch, matplotlib) is needed for this command."""
 
@@ -79,8 +87,13 @@ EXTRAS = {
     "onnxscript": "torch",
     "onnx_ir": "torch",
     "safetensors": "torch",
+    "diffusers": "diffusers",
     "matplotlib": "viz",
     "sklearn": "viz",
+    "ray": "ray",
+    "fastapi": "ray",
+    "starlette": "ray",
+    "tritonclient": "triton",
 }
 
 

@@ -173,8 +173,10 @@ def evaluate(
     trained = state.get("train_config") or {}
     name = dataset or trained.get("dataset") or "mnist"
     binary = bool(trained.get("binarize", False)) if binarize is None else binarize
-    shape = tuple(model.config.image_shape) if name == "synthetic" else None
-    splits = load_splits(name, data_root, binarize=binary, val_limit=limit, image_shape=shape)
+    if data_root is None and name == trained.get("dataset"):
+        data_root = trained.get("data_root")  # a folder model's default: the folder it was trained on
+    shape = tuple(model.config.image_shape)
+    splits = load_splits(name, data_root, binarize=binary, train_limit=1, val_limit=limit, image_shape=shape)
     x = splits.val_x
     if tuple(x.shape[1:]) != tuple(model.config.image_shape):
         raise UsageError(

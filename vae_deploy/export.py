@@ -1,36 +1,34 @@
-"""Export a checkpoint's encoder and decoder as separate graphs (ONNX, TorchScript, torch.export).
+"""Export a checkpoint's encoder and decoder as separate graphs (ONNX, TorchScript, torch.export),
+and the one pipeline every exporter goes through (:func:`write_export`).
 
-Each graph's I/O (names, shapes, dynamic batch axis, example inputs) is declared once, in a
-``GraphSpec``; every format and the manifest are generated from it. The export is built in a
-temporary folder next to the target, verified there against eager PyTorch, given its manifest
+Each graph's I/O (names, shapes, dynamic axes) is declared once, in a ``GraphSpec``; every format
+and the manifest are generated from it (the writers are in graph_files.py). The export is built in
+a temporary folder next to the target, verified there against eager PyTorch, given its manifest
 last, and only then moved into place: a failed or broken export never replaces or resembles a
-good one. See docs/CONTRACT.md for the folder layout and exported/README.md for the I/O contract.
+good one. Other VAEs (any torch modules, diffusers folders, factories) come through
+export_modules.py onto the same pipeline. See docs/CONTRACT.md for the folder layout.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import json
-import logging
 import os
 import re
 import shutil
 import sys
 import time
 import uuid
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
 
-from vae_deploy import __version__
+from vae_deploy import __version__, graph_files
 from vae_deploy.checkpoint import model_from_state, read_checkpoint
 from vae_deploy.config import ModelConfig, to_dict
 from vae_deploy.contract import (
@@ -41,22 +39,25 @@ from vae_deploy.contract import (
     FileEntry,
     GraphSpec,
     ModelSpec,
-    TensorSpec,
+    Tolerance,
     file_name,
     manifest_dict,
 )
-from vae_deploy.errors import ExportError, OutputDirError, ParityError, UsageError, first_line
+from vae_deploy.errors import ExportError, OutputDirError, ParityError, UsageError
 from vae_deploy.files import atomic_write_text, pid_alive, sha256_file
+from vae_deploy.graph_files import KeepFp32, Traced, batch_dynamic, example_inputs
 from vae_deploy.manifest import read_manifest
 from vae_deploy.model import VAE
 from vae_deploy.outdir import check_output_dir
-from vae_deploy.parity import compare
+from vae_deploy.parity import checkpoint_reference, compare
 
 FORMATS = ("onnx", "torchscript", "pt2")
 DEFAULT_FORMATS = ("onnx", "torchscript")
-EXAMPLE_BATCH = 2  # torch.export specialises example sizes 0 and 1, so trace with 2
 VALUE_RANGE = (0.0, 1.0)
 MIN_OPSET = 18  # the dynamo exporter implements opset >= 18; its down-conversion to 17 breaks Split
+
+Verifier = Callable[[Path, list[FileEntry], dict[str, Any]], Any]  # (staging, files, export notes) -> VerifyReport
+KeepRule = KeepFp32 | Callable[[Any], KeepFp32]  # fixed, or from the fp32 decoder's ModelProto
 
 
 # --- the contract of our models, and what torch needs from it -----------------------------------
@@ -67,129 +68,9 @@ def model_spec(cfg: ModelConfig, source: dict[str, Any] | None = None) -> ModelS
     return ModelSpec((cfg.latent_dim,), tuple(cfg.image_shape), VALUE_RANGE, source=source or {})
 
 
-def module_of(model: VAE, spec: GraphSpec) -> nn.Module:
-    return getattr(model, spec.name)
-
-
-def example_inputs(spec: GraphSpec, batch: int = EXAMPLE_BATCH, seed: int = 0) -> tuple[Tensor, ...]:
-    """Example values: uniform in an input's value range (images), else standard normal (latents)."""
-    g = torch.Generator().manual_seed(seed)
-    return tuple(_example(t, batch, g) for t in spec.inputs)
-
-
-def _example(t: TensorSpec, batch: int, g: torch.Generator) -> Tensor:
-    size = (batch, *t.row_shape)
-    if t.value_range is None:
-        return torch.randn(size, generator=g)
-    lo, hi = t.value_range
-    return lo + (hi - lo) * torch.rand(size, generator=g)
-
-
-def dynamic_shapes(spec: GraphSpec) -> tuple[dict[int, Any], ...]:
-    """torch.export dynamic shapes: axis 0 of every input is the shared, named batch axis."""
-    batch = torch.export.Dim("batch", min=1)
-    return tuple({0: batch} for _ in spec.inputs)
-
-
-# --- one function per format --------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Keep exporter chatter (deprecation warnings, opset-conversion logs) out of users' faces."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript", "onnx_ir")]
-    levels = [lg.level for lg in loggers]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for lg in loggers:
-            lg.setLevel(logging.ERROR + 10)
-        try:
-            yield
-        finally:
-            for lg, level in zip(loggers, levels):
-                lg.setLevel(level)
-
-
-def _set_metadata(model: Any, spec: GraphSpec, contract: ModelSpec) -> None:
-    """Set the contract's metadata_props so an app with only onnxruntime can read them."""
-    props = contract.metadata(spec.name, spec.precision, __version__)
-    kept = [p for p in model.metadata_props if p.key not in props]
-    del model.metadata_props[:]
-    model.metadata_props.extend(kept)
-    for key, value in props.items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
-    model.doc_string = f"vae-deploy {spec.name} ({spec.precision}): {spec.signature()}"
-
-
-def _save_onnx(model: Any, path: Path) -> None:
-    """Write one self-contained file (weights inside) and run the full ONNX checker on it."""
-    import onnx
-
-    onnx.save_model(model, str(path), save_as_external_data=False)
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise ExportError(f"{path.name} failed the ONNX checker: {first_line(exc, 200)}") from None
-
-
-def export_onnx(module: nn.Module, spec: GraphSpec, contract: ModelSpec, path: Path, opset: int | None = None) -> Any:
-    """Export with the dynamo (torch.export-based) exporter; return the ONNX ModelProto written."""
-    try:
-        with _quiet():
-            program = torch.onnx.export(
-                module,
-                example_inputs(spec),
-                dynamo=True,
-                dynamic_shapes=dynamic_shapes(spec),
-                input_names=spec.input_names,
-                output_names=spec.output_names,
-                opset_version=opset,
-                verbose=False,
-            )
-        model = program.model_proto
-    except Exception as exc:  # noqa: BLE001 - exporter internals raise many types
-        raise ExportError(f"ONNX export of the {spec.name} failed: {first_line(exc, 300)}") from None
-    got = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    if opset is not None and got != opset:
-        raise ExportError(
-            f"the ONNX exporter could not produce opset {opset} for the {spec.name} (it made {got}); "
-            f"use --opset {got} or higher"
-        )
-    _set_metadata(model, spec, contract)
-    _save_onnx(model, path)
-    return model
-
-
-def export_onnx_fp16(model_fp32: Any, spec: GraphSpec, contract: ModelSpec, path: Path) -> None:
-    """Half-precision weights and arithmetic inside, float32 I/O (a drop-in for the fp32 file)."""
-    import onnx
-    import onnx_ir
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    with _quiet():
-        half = convert_float_to_float16(onnx.ModelProto.FromString(model_fp32.SerializeToString()), keep_io_types=True)
-        ir_model = onnx_ir.from_proto(half)
-        ir_model.graph.sort()  # the converter appends its input Casts after their users
-        half = onnx_ir.to_proto(ir_model)
-    _set_metadata(half, spec, contract)
-    _save_onnx(half, path)
-
-
-def export_torchscript(module: nn.Module, spec: GraphSpec, path: Path) -> None:
-    """Trace to TorchScript (deprecated upstream, still asked for); its FutureWarnings stay quiet."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.jit\.")
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        traced = torch.jit.trace(module, example_inputs(spec), check_trace=False)
-        torch.jit.save(traced, str(path))
-
-
-def export_pt2(module: nn.Module, spec: GraphSpec, path: Path) -> None:
-    """torch.export ExportedProgram with a dynamic batch axis (TorchScript's supported successor)."""
-    with _quiet():
-        program = torch.export.export(module, example_inputs(spec), dynamic_shapes=dynamic_shapes(spec))
-        torch.export.save(program, str(path))
+def traced_graph(model: VAE, spec: GraphSpec) -> Traced:
+    """One of our model's graphs with example inputs and a dynamic batch axis."""
+    return Traced(getattr(model, spec.name), example_inputs(spec), batch_dynamic(spec))
 
 
 # --- the export as a whole ----------------------------------------------------------------------
@@ -213,33 +94,88 @@ def export(
     formats: Sequence[str] = DEFAULT_FORMATS,
     opset: int | None = None,
     fp16: bool = False,
+    int8: bool | Any = False,
     verify: bool = True,
     data_root: str | os.PathLike | None = None,
     log: Callable[[str], None] = print,
 ) -> ExportResult:
     """Export a checkpoint's encoder and decoder to ``out`` (atomically) and verify them.
 
-    Raises ``ParityError`` (and leaves ``out`` as it was) when an exported graph does not match
-    eager PyTorch within tolerance.
+    ``int8`` (True or a ``vae_deploy.quantize.Int8Gate``) also writes ``decoder.int8.onnx``,
+    quantized from the fp32 decoder and gated against it. Raises ``ParityError`` (and leaves ``out``
+    as it was) when an exported graph does not match eager PyTorch within tolerance, or the int8
+    decoder fails its gate.
     """
-    formats = _check_formats(formats, fp16, opset)
+    formats = check_formats(formats, fp16 or bool(int8), opset)
     checkpoint = Path(checkpoint)
     state = read_checkpoint(checkpoint)
-    model = model_from_state(state, str(checkpoint))
-    out_dir = Path(out)
-    target = out_dir.resolve()
-    new_files = {file_name(g, f) for g in GRAPHS for f in formats} | (
-        {file_name(DECODER, "onnx-fp16")} if fp16 else set()
-    )
-    _sweep_leftovers(target)  # first: it may put back an old export a killed install left aside
-    ours = _check_target(target, new_files)
+    model = model_from_state(state, str(checkpoint)).eval()
     source = {
         "kind": "checkpoint",
-        "path": os.path.relpath(checkpoint.resolve(), target),  # found from the export folder
-        "abs_path": str(checkpoint.resolve()),
+        **source_paths(checkpoint, out),
         "sha256": sha256_file(checkpoint),
     }
     contract = model_spec(model.config, source)
+    graphs = {g: traced_graph(model, contract.graph(g)) for g in GRAPHS}
+
+    def check(folder: Path, files: list[FileEntry], notes: dict[str, Any]) -> Any:
+        reference = checkpoint_reference(model, state.get("train_config"), data_root)
+        return compare(folder, files, reference, log=log)
+
+    extra = {
+        "model_config": to_dict(model.config),
+        "training": {k: (state.get("train_config") or {}).get(k) for k in ("dataset", "binarize", "loss")},
+    }
+    return write_export(
+        out, contract, graphs, formats=formats, opset=opset, fp16=fp16, int8=int8,
+        verify=check if verify else None, extra=extra, log=log,
+    )  # fmt: skip
+
+
+def source_paths(path: Path, out: str | os.PathLike) -> dict[str, str]:
+    """A source file or folder as the manifest records it: relative to the export folder (found
+    from any working folder) and absolute (the fallback)."""
+    return {"path": os.path.relpath(path.resolve(), Path(out).resolve()), "abs_path": str(path.resolve())}
+
+
+def write_export(
+    out: str | os.PathLike,
+    contract: ModelSpec,
+    graphs: dict[str, Traced],
+    *,
+    formats: Sequence[str] = ("onnx",),
+    opset: int | None = None,
+    fp16: bool = False,
+    fp16_keep: KeepRule = KeepFp32(),
+    int8: bool | Any = False,
+    tolerances: dict[tuple[str, str], Tolerance] | None = None,
+    verify: Verifier | None = None,
+    extra: dict[str, Any] | None = None,
+    verification: dict[str, Any] | None = None,
+    log: Callable[[str], None] = print,
+) -> ExportResult:
+    """The pipeline every exporter shares: write ``graphs`` (name -> Traced) in ``formats`` into a
+    staging folder beside ``out``, run ``verify`` there (a failing report raises ParityError and
+    leaves ``out`` as it was), write the manifest last and swap the folder in atomically.
+
+    ``tolerances`` maps (precision, graph) to the tolerance recorded for those files (else the
+    contract's defaults); ``extra`` adds manifest fields; ``verification`` adds to its record.
+    """
+    formats = check_formats(formats, fp16 or bool(int8), opset)
+    if (fp16 or int8) and DECODER not in graphs:
+        raise UsageError("--fp16 and --int8 derive a decoder from the ONNX one, so they need a decoder")
+    out_dir = Path(out)
+    target = out_dir.resolve()
+    new_files = {file_name(g, f) for g in graphs for f in formats}
+    if fp16:
+        new_files.add(file_name(DECODER, "onnx-fp16"))
+    if int8:
+        from vae_deploy.quantize import Int8Gate, add_int8_decoder
+
+        gate = int8 if isinstance(int8, Int8Gate) else Int8Gate()
+        new_files.add(file_name(DECODER, "onnx-int8"))
+    _sweep_leftovers(target)  # first: it may put back an old export a killed install left aside
+    ours = _check_target(target, new_files)
     # A sibling of the target (same filesystem, so the final moves are renames); mkdir, not
     # mkdtemp, so the folder gets the user's usual permissions rather than 0700. The pid in the
     # name lets a later export sweep the staging folders of killed ones (_sweep_leftovers).
@@ -250,48 +186,57 @@ def export(
     except OSError as exc:
         raise ExportError(f"cannot write to {target.parent}: {exc.strerror or exc}") from None
     try:
-        files, seconds, opset_used = _write_graphs(model, contract, formats, opset, fp16, staging, log)
+        written = _write_graphs(contract, graphs, formats, opset, fp16, fp16_keep, tolerances or {}, staging, log)
+        if int8:  # quantized from the fp32 decoder just written, gated against it, verified with the rest
+            t0 = time.perf_counter()
+            entry, check = add_int8_decoder(staging, written.files, contract, gate, log)
+            written.files.append(entry)
+            written.seconds[f"{DECODER}.onnx-int8"] = time.perf_counter() - t0
+            written.notes["int8"] = check.to_dict()
         manifest = manifest_dict(
             contract,
-            files,
+            written.files,
             producer="vae-deploy",
             producer_version=__version__,
             created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            model_config=to_dict(model.config),
-            training={k: (state.get("train_config") or {}).get(k) for k in ("dataset", "binarize", "loss")},
-            opset=opset_used,
+            **(extra or {}),
+            opset=written.opset,
             torch_version=torch.__version__,
         )
+        if written.notes:
+            manifest.setdefault("export", {}).update(written.notes)
+        seconds = written.seconds
         report = None
-        if verify:
+        if verify is not None:
             t0 = time.perf_counter()
-            report = compare(
-                staging, files, model, train_config=state.get("train_config"), data_root=data_root, log=log
-            )
+            report = verify(staging, written.files, written.notes)
             seconds["verify"] = time.perf_counter() - t0
             if not report.passed:
                 raise ParityError(f"export failed verification ({report.summary()}); {out_dir} was not changed")
-            manifest["verification"] = {"passed": True, "summary": report.summary()}
+            manifest["verification"] = {"passed": True, "summary": report.summary(), **(verification or {})}
         else:
-            manifest["verification"] = {"passed": None, "summary": "not verified (--no-verify)"}
+            manifest["verification"] = {
+                "passed": None, "summary": "not verified (--no-verify)", **(verification or {})
+            }  # fmt: skip
         atomic_write_text(staging / MANIFEST, json.dumps(manifest, indent=2) + "\n")  # last
         _install(staging, target, ours)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     took = sum(v for k, v in seconds.items() if k != "verify")
     checked = f", verified in {seconds['verify']:.1f} s" if "verify" in seconds else ", not verified"
-    log(f"exported {len(files)} files ({', '.join(formats)}) to {out_dir} in {took:.1f} s{checked}")
+    log(f"exported {len(written.files)} files ({', '.join(formats)}) to {out_dir} in {took:.1f} s{checked}")
     return ExportResult(out_dir, manifest, report, seconds)
 
 
-def _check_formats(formats: Sequence[str] | str, fp16: bool, opset: int | None) -> tuple[str, ...]:
+def check_formats(formats: Sequence[str] | str, fp16: bool, opset: int | None) -> tuple[str, ...]:
+    """The formats asked for, in canonical order (UsageError for unknown ones or a bad opset)."""
     if isinstance(formats, str):
         formats = [f for f in formats.replace(" ", "").split(",") if f]
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown or not formats:
         raise UsageError(f"formats must be a non-empty subset of {', '.join(FORMATS)}; got {list(formats)}")
     if fp16 and "onnx" not in formats:
-        raise UsageError("--fp16 adds a half-precision ONNX decoder, so it needs the onnx format")
+        raise UsageError("--fp16 and --int8 derive a decoder from the ONNX one, so each needs the onnx format")
     if opset is not None:
         import onnx
 
@@ -301,40 +246,59 @@ def _check_formats(formats: Sequence[str] | str, fp16: bool, opset: int | None) 
     return tuple(f for f in FORMATS if f in formats)
 
 
+@dataclass
+class _Written:
+    files: list[FileEntry]
+    seconds: dict[str, float]
+    opset: int | None
+    notes: dict[str, Any]  # the manifest's "export" record: proved ranges, fp32-kept nodes
+
+
 def _write_graphs(
-    model: VAE,
     contract: ModelSpec,
+    graphs: dict[str, Traced],
     formats: tuple[str, ...],
     opset: int | None,
     fp16: bool,
+    fp16_keep: KeepRule,
+    tolerances: dict[tuple[str, str], Tolerance],
     folder: Path,
     log: Callable[[str], None],
-) -> tuple[list[FileEntry], dict[str, float], int | None]:
-    """Write every requested file of both graphs into ``folder``; return their manifest entries."""
-    files: list[FileEntry] = []
-    seconds: dict[str, float] = {}
-    opset_used = None
-    for graph in (contract.encoder(), contract.decoder()):
-        module = module_of(model, graph)
-        wanted = [f for f in formats] + (["onnx-fp16"] if fp16 and graph.name == DECODER else [])
+) -> _Written:
+    """Write every requested file of each graph into ``folder``; return their manifest entries."""
+    done = _Written([], {}, None, {})
+    for name in (g for g in GRAPHS if g in graphs):
+        traced = graphs[name]
+        wanted = list(formats) + (["onnx-fp16"] if fp16 and name == DECODER else [])
+        onnx_file = None
         for fmt in wanted:
-            spec = contract.graph(graph.name, PRECISION[fmt])
-            path = folder / file_name(graph.name, fmt)
+            precision = PRECISION[fmt]
+            spec = contract.graph(name, precision, tolerances.get((precision, name)))
+            path = folder / file_name(name, fmt)
             t0 = time.perf_counter()
+            ranges = {}
             if fmt == "onnx":
-                onnx_model = export_onnx(module, spec, contract, path, opset)
-                opset_used = next(o.version for o in onnx_model.opset_import if o.domain in ("", "ai.onnx"))
+                onnx_file = graph_files.export_onnx(traced, spec, contract, path, opset)
+                done.opset, ranges = onnx_file.opset, onnx_file.proved_ranges
             elif fmt == "onnx-fp16":
-                export_onnx_fp16(onnx_model, spec, contract, path)
+                keep = fp16_keep(onnx_file.model) if callable(fp16_keep) else fp16_keep
+                graph_files.export_onnx_fp16(onnx_file.model, spec, contract, path, keep)
+                if keep:
+                    done.notes["fp16_keep_fp32"] = keep.to_dict()
+                    log(f"{path.name}: {len(keep.nodes)} nodes and ops {list(keep.op_types)} kept in fp32")
             elif fmt == "torchscript":
-                export_torchscript(module, spec, path)
+                graph_files.export_torchscript(traced, spec, path)
             else:
-                export_pt2(module, spec, path)
-            seconds[f"{graph.name}.{fmt}"] = time.perf_counter() - t0
-            files.append(FileEntry(graph.name, fmt, path.name, sha256_file(path), spec))
-        timed = [f"{e.file} {seconds[f'{graph.name}.{e.format}']:.1f} s" for e in files if e.graph == graph.name]
-        log(f"{graph.name}: {', '.join(timed)}")
-    return files, seconds, opset_used
+                ranges = graph_files.export_pt2(traced, spec, path)
+            done.seconds[f"{name}.{fmt}"] = time.perf_counter() - t0
+            done.files.append(FileEntry(name, fmt, path.name, sha256_file(path), spec))
+            if ranges:
+                done.notes.setdefault("proved_ranges", {})[path.name] = {k: list(v) for k, v in ranges.items()}
+                shown = ", ".join(f"{k} {lo}..{hi}" for k, (lo, hi) in ranges.items())
+                log(f"{path.name}: torch.export proved the graph for {shown} only (the model branches on that size)")
+        timed = [f"{e.file} {done.seconds[f'{name}.{e.format}']:.1f} s" for e in done.files if e.graph == name]
+        log(f"{name}: {', '.join(timed)}")
+    return done
 
 
 # --- atomic install -----------------------------------------------------------------------------

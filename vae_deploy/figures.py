@@ -22,7 +22,7 @@ from vae_deploy.images import tile
 from vae_deploy.latents import VIZ_HINT
 
 DPI = 100
-TILE_INCHES = 0.55  # the longer side of one image in a grid figure
+TILE_INCHES = 0.55  # the least longer side of one image in a grid figure (larger images get more)
 MAX_PIXELS_PER_SIDE = 2**16 - 1  # matplotlib's Agg renderer draws nothing larger
 MAX_TILES = 1000  # images per row or column of a picture: more is no longer a picture
 # Peak memory per figure pixel while drawing and saving: Agg's RGBA buffer (4 B), an image axis
@@ -39,11 +39,18 @@ BASE_BYTES = 128 * 2**20
 # --- what a picture costs -----------------------------------------------------------------------
 
 
+def tile_scale(image_shape: Sequence[int]) -> int:
+    """Figure pixels per image pixel in a grid: the least whole number that gives TILE_INCHES a
+    side (28x28: 2, 8x8: 7), and 1 for images already that large. Whole numbers keep every image
+    pixel the same size; a large image is never shrunk, so 64x64 photos keep their detail."""
+    return max(1, math.ceil(TILE_INCHES * DPI / max(image_shape[-2:])))
+
+
 def tile_inches(image_shape: Sequence[int]) -> tuple[float, float]:
-    """(width, height) in inches of one [C, H, W] image in a grid figure: square images get
-    TILE_INCHES a side, others keep their aspect ratio."""
+    """(width, height) in inches of one [C, H, W] image in a grid figure (aspect ratio kept)."""
     h, w = image_shape[-2:]
-    return TILE_INCHES * w / max(h, w), TILE_INCHES * h / max(h, w)
+    k = tile_scale(image_shape)
+    return k * w / DPI, k * h / DPI
 
 
 def grid_figure_inches(rows: int, cols: int, image_shape: Sequence[int]) -> tuple[float, float]:
@@ -159,15 +166,19 @@ def grid_figure(
 ) -> Any:
     """A figure of image rows with labels and a title, sized by grid_figure_inches."""
     cols = max(len(r) for r in rows)
-    fig = new_figure(*grid_figure_inches(len(rows), cols, rows[0].shape[1:]))
+    shape = rows[0].shape[1:]
+    fig = new_figure(*grid_figure_inches(len(rows), cols, shape))
     ax = fig.add_subplot()
-    draw_grid(ax, rows, row_labels, col_labels)
+    # the layout leaves the axes a little smaller than the mosaic: nearest-neighbour keeps small images'
+    # pixels crisp at 2x and more, but would drop rows of a larger image shown near 1:1
+    draw_grid(ax, rows, row_labels, col_labels, interpolation="nearest" if tile_scale(shape) >= 2 else "antialiased")
     ax.set_title(title, fontsize=9)
     return fig
 
 
 __all__ = [
     "MAX_TILES",
+    "tile_scale",
     "tile_inches",
     "grid_figure_inches",
     "figure_bytes",

@@ -13,6 +13,7 @@ from vae_deploy.contract import Dim
 from vae_deploy.errors import UsageError
 
 MAX_ABS_LATENT = 1e6  # a VAE's prior is N(0, I); near float32's limit decoders overflow into NaN
+MAX_ABS_LATENT_SQ = MAX_ABS_LATENT * MAX_ABS_LATENT
 
 
 def count(n: Any, name: str) -> int:
@@ -66,11 +67,16 @@ def batch_of(a: Any, name: str, rows: tuple[Dim, ...]) -> tuple[np.ndarray, bool
     return a, single
 
 
+def plain_latents(z: np.ndarray) -> bool:
+    """Whether a float32 batch is non-empty with every value finite and within ``MAX_ABS_LATENT``,
+    in one float32 dot product: a sum of squares <= MAX_ABS_LATENT**2 bounds every value, and
+    NaN/inf (or an overflowing sum) fail the comparison. False sends the caller to the exact checks."""
+    return z.shape[0] > 0 and np.vdot(z, z) <= MAX_ABS_LATENT_SQ
+
+
 def check_latents(z: np.ndarray) -> None:
-    """Refuse NaN/inf and latents beyond ``MAX_ABS_LATENT``. Common case: one BLAS dot, since a
-    sum of squares <= MAX_ABS_LATENT**2 bounds every value (NaN/inf fail the comparison)."""
-    flat = z.reshape(-1)
-    if flat @ flat <= MAX_ABS_LATENT * MAX_ABS_LATENT:
+    """Refuse NaN/inf and latents beyond ``MAX_ABS_LATENT`` (common case: :func:`plain_latents`)."""
+    if plain_latents(z):
         return
     if not np.isfinite(z).all():
         raise UsageError("z has NaN or infinite values; expected finite numbers")
@@ -88,3 +94,24 @@ def check_images(x: np.ndarray, value_range: tuple[float, float]) -> None:
     if lo < value_range[0] or hi > value_range[1]:
         hint = " (divide 8-bit images by 255)" if value_range == (0.0, 1.0) else ""
         raise UsageError(f"x must hold pixel values in {want}, got [{lo:g}, {hi:g}]{hint}")
+
+
+def index(v: Any, name: str) -> int:
+    """A non-negative integer (a row index), or a UsageError naming the argument."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+        raise UsageError(f"{name} must be a non-negative integer, got {v!r}")
+    return int(v)
+
+
+def row_range(start: Any, stop: Any) -> tuple[int, int]:
+    """Row indices with 0 <= start < stop, or a UsageError saying so."""
+    start, stop = index(start, "start"), index(stop, "stop")
+    if start >= stop:
+        raise UsageError(f"a row range needs start < stop, got start={start}, stop={stop}")
+    return start, stop
+
+
+def check_multiple(sizes: tuple[int, ...], factor: int, name: str) -> None:
+    """Sizes (e.g. an image's height and width) must be multiples of the model's downsampling factor."""
+    if any(v % factor for v in sizes):
+        raise UsageError(f"{name} must be multiples of {factor} (the model's downsampling factor), got {list(sizes)}")

@@ -89,12 +89,15 @@ def embed_2d(mu: np.ndarray, method: str = "auto", seed: int = 0) -> tuple[np.nd
 
 
 def pick_pair(labels: np.ndarray, seed: int) -> tuple[int, int]:
-    """Two validation indices with different labels, chosen by ``seed``."""
+    """Two validation indices chosen by ``seed``: with different labels, or for unlabelled data
+    (every label the same) two different images."""
     rng = np.random.default_rng(seed)
     i = int(rng.integers(len(labels)))
     others = np.flatnonzero(labels != labels[i])
     if len(others) == 0:
-        raise UsageError("every validation image has the same label: pass --indices i,j")
+        others = np.delete(np.arange(len(labels)), i)
+    if len(others) == 0:
+        raise UsageError("the validation set has one image: interpolation needs two (pass --indices i,j)")
     return i, int(rng.choice(others))
 
 

@@ -13,9 +13,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from vae_deploy import model_conv
 from vae_deploy.config import ModelConfig
 
-_ACT = {"relu": nn.ReLU, "tanh": nn.Tanh}
+_ACT = model_conv.ACTIVATIONS
 
 
 # --- fused reparameterize + KL ------------------------------------------------------------------
@@ -92,6 +93,8 @@ class Encoder(nn.Module):
         if cfg.arch == "mlp":
             body = [nn.Flatten(), *_mlp([c * h * w, *cfg.hidden], cfg.activation)]
             features = cfg.hidden[-1]
+        elif cfg.arch == "resconv":
+            body, features = model_conv.encoder_body(cfg)
         else:
             body, ch_in = [], c
             for ch in cfg.conv_channels:
@@ -100,7 +103,7 @@ class Encoder(nn.Module):
             body.append(nn.Flatten())
             gh, gw = _conv_geometry(cfg)
             features = ch_in * gh * gw
-        self.body = nn.Sequential(*body)
+        self.body = body if isinstance(body, nn.Sequential) else nn.Sequential(*body)
         self.head = nn.Linear(features, 2 * d)  # one matmul for mu and logvar
         self.latent_dim = d
 
@@ -121,6 +124,8 @@ class Decoder(nn.Module):
             sizes = [d, *reversed(cfg.hidden)]
             self.body = nn.Sequential(*_mlp(sizes, cfg.activation), nn.Linear(sizes[-1], c * h * w))
             self.out_hw: tuple[int, int] | None = None
+        elif cfg.arch == "resconv":
+            self.body, self.out_hw = model_conv.decoder_body(cfg)
         else:
             gh, gw = _conv_geometry(cfg)
             chans = list(reversed(cfg.conv_channels))

@@ -2,8 +2,14 @@
 
 Every file in an export folder runs on every backend that can run it (ONNX on onnxruntime's CPU
 provider and, where a CUDA session really runs, its CUDA provider; TorchScript; torch.export) on
-real inputs at several batch sizes, and each output is compared with the eager model from the
-source checkpoint. The manifest's sha256s are checked before anything is loaded.
+real inputs at several batch sizes (and, for exports with dynamic height and width, several image
+sizes), and each output is compared with the eager model rebuilt from the export's source
+(references.py: our checkpoint, a diffusers folder, or a factory and its weights). The manifest's
+sha256s are checked before anything is loaded.
+
+fp16 files are also checked for overflow: the activations of the fp32 graph on the same inputs
+that the fp16 file stores in fp16 must stay below 65504 (fp16_range.py), and non-finite outputs
+fail; both name the ways out (fp32, an fp16-safe VAE, or ops kept in fp32).
 
 Pass rule per output: ``|exported - eager| <= atol + rtol * |eager|`` element-wise (numpy
 ``allclose``), with the tolerances below. ``max_rel`` in the report is the largest absolute error
@@ -24,19 +30,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from vae_deploy import sessions
-from vae_deploy.checkpoint import model_from_state, read_checkpoint
-from vae_deploy.config import to_dict
-from vae_deploy.contract import DECODER, ENCODER, FileEntry, Tolerance
-from vae_deploy.errors import DataError, ExportError, ProviderError, UsageError
-from vae_deploy.files import atomic_write_text, sha256_file
-from vae_deploy.manifest import check_manifest, read_verified, source_checkpoint
-from vae_deploy.model import VAE
+from vae_deploy import references, sessions
+from vae_deploy.contract import TORCH_FORMATS, FileEntry, Tolerance
+from vae_deploy.errors import ExportError, ProviderError
+from vae_deploy.files import atomic_write_text
+from vae_deploy.manifest import check_manifest, read_verified
+from vae_deploy.references import DEFAULT_BATCH_SIZES, Reference, checkpoint_reference
 
-__all__ = ["VerifyReport", "VerifyRow", "compare", "verify"]
-
-DEFAULT_BATCH_SIZES = (1, 7, 256)
-SEED = 0
+__all__ = ["VerifyReport", "VerifyRow", "checkpoint_reference", "compare", "verify"]
 
 
 # --- the report ---------------------------------------------------------------------------------
@@ -59,6 +60,7 @@ class VerifyRow:
     max_abs: float | None = None
     max_rel: float | None = None
     reason: str = ""  # why skipped or failed, or a note on what a pass means
+    size: str = ""  # image HxW, for exports with dynamic height and width
 
 
 @dataclass
@@ -72,6 +74,7 @@ class VerifyReport:
     inputs: str = ""
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
     notes: list[str] = field(default_factory=list)
+    sizes: list[str] = field(default_factory=list)  # image sizes compared at (dynamic-size exports)
 
     def counts(self) -> dict[str, int]:
         out = {"pass": 0, "fail": 0, "skipped": 0}
@@ -90,13 +93,14 @@ class VerifyReport:
         return text + (f" (failed: {'; '.join(failed.values())})" if failed else "")
 
     def table(self) -> str:
-        """One line per graph/format/provider/output (worst case over the batch sizes)."""
+        """One line per graph/format/provider/output (and image size), worst case over the batch sizes."""
+        sized = any(r.size for r in self.rows)
         groups: dict[tuple, list[VerifyRow]] = {}
         for r in self.rows:
-            groups.setdefault((r.graph, r.format, r.precision, r.provider, r.output), []).append(r)
-        head = tuple("graph format prec provider output batches max_abs max_rel tolerance status".split())
+            groups.setdefault((r.graph, r.format, r.precision, r.provider, r.output, r.size), []).append(r)
+        head = tuple("graph format prec provider output size batches max_abs max_rel tolerance status".split())
         lines = [head]
-        for (graph, fmt, prec, provider, output), rows in groups.items():
+        for (graph, fmt, prec, provider, output, size), rows in groups.items():
             status = "fail" if any(r.status == "fail" for r in rows) else rows[0].status
             ran = [r for r in rows if r.max_abs is not None]
             batches = ",".join(str(r.batch_size) for r in rows if r.batch_size is not None) or "-"
@@ -104,8 +108,11 @@ class VerifyReport:
             max_rel = f"{max(r.max_rel for r in ran):.2e}" if ran else "-"
             tol = str(Tolerance(rows[0].atol, rows[0].rtol))
             provider = provider.replace("ExecutionProvider", "")
-            lines.append((graph, fmt, prec, provider, output, batches, max_abs, max_rel, tol, status.upper()))
-        widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
+            stats = (batches, max_abs, max_rel, tol, status.upper())
+            lines.append((graph, fmt, prec, provider, output, size or "-", *stats))
+        if not sized:  # fixed-size models: no size column
+            lines = [line[:5] + line[6:] for line in lines]
+        widths = [max(len(str(line[i])) for line in lines) for i in range(len(lines[0]))]
         text = ["  ".join(str(v).ljust(w) for v, w in zip(line, widths)).rstrip() for line in lines]
         text.insert(1, "  ".join("-" * w for w in widths))
         by_reason: dict[str, list[str]] = {}
@@ -205,50 +212,7 @@ def _backends(export_dir: Path, entry: FileEntry) -> list[_Backend]:
     return [_Backend("?", "?", skipped=f"unknown format {entry.format!r} (newer vae-deploy?)")]
 
 
-# --- inputs and eager references ----------------------------------------------------------------
-
-
-def _images(n: int, model: VAE, train_config: dict | None, data_root: Any) -> tuple[torch.Tensor, str]:
-    """n real images (the checkpoint's dataset, else MNIST, from the data root) or seeded noise."""
-    from vae_deploy.data import load_splits, resolve_data_root
-
-    shape = tuple(model.config.image_shape)
-    root = resolve_data_root(data_root)
-    dataset = (train_config or {}).get("dataset")
-    dataset = dataset if dataset in ("mnist", "fashion-mnist") else "mnist"
-    why = "no data root (pass --data-root or set VAE_DEPLOY_DATA)"
-    if root is not None and shape == (1, 28, 28):
-        try:
-            splits = load_splits(dataset, root)
-            pool = torch.cat([splits.val_x, splits.train_x])
-            reps = -(-n // len(pool))
-            return pool.repeat(reps, 1, 1, 1)[:n].contiguous(), f"{dataset} images from {root}"
-        except DataError as exc:
-            why = f"{dataset} not readable under {root}: {str(exc)[:120]}"
-    elif root is not None:
-        why = f"model image shape {list(shape)} is not MNIST's"
-    g = torch.Generator().manual_seed(SEED)
-    return torch.rand((n, *shape), generator=g), f"seeded uniform random images (seed {SEED}; {why})"
-
-
-def _feeds(model: VAE, images: torch.Tensor, batch_sizes: Sequence[int]) -> dict[tuple[str, int], tuple[dict, dict]]:
-    """Per (graph, batch): the named inputs and eager outputs. Decoder latents are the encoder
-    means of the images (half) plus seeded N(0, I) draws (the other half)."""
-    from vae_deploy.contract import IMAGE, LATENT, LOGVAR, MEAN, RECON
-
-    g = torch.Generator().manual_seed(SEED)
-    draws = torch.randn(max(batch_sizes), model.latent_dim, generator=g)
-    out = {}
-    with torch.no_grad():
-        for b in batch_sizes:
-            x = images[:b]
-            mu, logvar = model.encoder(x)
-            k = (b + 1) // 2
-            z = torch.cat([mu[:k], draws[: b - k]])
-            x_hat = model.decoder(z)
-            out[(ENCODER, b)] = ({IMAGE: x.numpy()}, {MEAN: mu.numpy(), LOGVAR: logvar.numpy()})
-            out[(DECODER, b)] = ({LATENT: z.numpy()}, {RECON: x_hat.numpy()})
-    return out
+# --- comparisons ---------------------------------------------------------------------------------
 
 
 def _compare_output(got: np.ndarray, ref: np.ndarray, tol: Tolerance) -> tuple[float, float, bool, str]:
@@ -263,14 +227,13 @@ def _compare_output(got: np.ndarray, ref: np.ndarray, tol: Tolerance) -> tuple[f
     return max_abs, max_rel, ok, ""
 
 
-def _check(
-    entry: FileEntry,
-    backend: _Backend,
-    feeds: dict[tuple[str, int], tuple[dict, dict]],
-    batch_sizes: Sequence[int],
-) -> list[VerifyRow]:
-    """The rows of one file on one backend: each batch size x each output (or one skip/fail row)."""
+Feeds = dict[tuple[str, int], tuple[dict, dict]]
+
+
+def _check(entry: FileEntry, backend: _Backend, feeds: Feeds, reference: Reference) -> list[VerifyRow]:
+    """The rows of one file on one backend: each case x each output (or one skip/fail row)."""
     tol = entry.spec.tolerance
+    fp16 = entry.precision == "fp16"
 
     def row(output: str = "*", **kw: Any) -> VerifyRow:
         where = dict(graph=entry.graph, format=entry.format, backend=backend.backend, precision=entry.precision)
@@ -279,20 +242,61 @@ def _check(
     if backend.run is None:
         return [row(status="fail" if backend.error else "skipped", reason=backend.error or backend.skipped)]
     rows = []
-    for b in batch_sizes:
-        inputs, expected = feeds[(entry.graph, b)]
+    limit = reference.proved_ranges.get(entry.file, {}).get("batch", [1, None])[1]
+    for i, case in enumerate(reference.cases):
+        if (entry.graph, i) not in feeds:
+            continue  # a case for the other graph
+        at = dict(batch_size=case.batch, size=case.label)
+        if entry.format in TORCH_FORMATS and limit is not None and case.batch > limit:
+            why = f"torch.export proved this file for batch <= {limit} only, and it refuses larger batches"
+            rows.append(row(**at, status="skipped", reason=why))
+            continue
+        inputs, expected = feeds[(entry.graph, i)]
         try:
             got = backend.run(inputs)
         except Exception as exc:  # noqa: BLE001 - a graph that cannot run at this batch size fails
-            rows.append(row(batch_size=b, status="fail", reason=f"run failed: {sessions.ort_message(exc)}"))
+            rows.append(row(**at, status="fail", reason=f"run failed: {sessions.ort_message(exc)}"))
             continue
         for name in entry.spec.output_names:
             if name not in got or name not in expected:
-                rows.append(row(name, batch_size=b, status="fail", reason=f"no output {name!r}"))
+                rows.append(row(name, **at, status="fail", reason=f"no output {name!r}"))
                 continue
             max_abs, max_rel, ok, why = _compare_output(got[name], expected[name], tol)
-            stats = dict(batch_size=b, max_abs=max_abs, max_rel=max_rel)
-            rows.append(row(name, **stats, status="pass" if ok else "fail", reason=why or backend.note))
+            if why and fp16 and "non-finite" in why:
+                from vae_deploy.fp16_range import CHOICES
+
+                why = f"non-finite values in the fp16 output (fp16 overflow); {CHOICES}"
+            stats = dict(max_abs=max_abs, max_rel=max_rel)
+            rows.append(row(name, **at, **stats, status="pass" if ok else "fail", reason=why or backend.note))
+    return rows
+
+
+def _fp16_range_rows(
+    export_dir: Path, entry: FileEntry, files: Sequence[FileEntry], feeds: Feeds, reference: Reference
+) -> list[VerifyRow]:
+    """Per case, for an fp16 file: do the activations it stores in fp16 stay within fp16's range?
+    (Measured on the fp32 graph, so the verdict does not depend on the device.)"""
+    from vae_deploy import fp16_range
+
+    row = dict(graph=entry.graph, format=entry.format, backend="onnxruntime", precision="fp16",
+               provider="fp32 activations", output="range", atol=fp16_range.FP16_MAX, rtol=0.0)  # fmt: skip
+    fp32 = next((e for e in files if e.graph == entry.graph and e.format == "onnx"), None)
+    if fp32 is None:
+        return [VerifyRow(**row, status="skipped", reason="no fp32 ONNX file to measure activations on")]
+    probe = fp16_range.ActivationProbe(read_verified(export_dir, fp32), fp32.file)
+    in_fp16 = fp16_range.fp16_tensors(read_verified(export_dir, entry))
+    rows = []
+    for i, case in enumerate(reference.cases):
+        if (entry.graph, i) not in feeds:
+            continue
+        peaks = probe.peaks(feeds[(entry.graph, i)][0])
+        found = fp16_range.overflows(peaks, in_fp16)
+        top = found[0].peak if found else max((p.peak for p in peaks if p.tensor in in_fp16), default=0.0)
+        why = fp16_range.advice(found) if found else (
+            "peak |activation| stored in fp16 (fp16 overflows above 65504; max_rel is the share of that)"
+        )  # fmt: skip
+        stats = dict(batch_size=case.batch, size=case.label, max_abs=top, max_rel=top / fp16_range.FP16_MAX)
+        rows.append(VerifyRow(**row, **stats, status="fail" if found else "pass", reason=why))
     return rows
 
 
@@ -302,63 +306,36 @@ def _check(
 def compare(
     export_dir: str | os.PathLike,
     files: Sequence[FileEntry],
-    model: VAE,
+    reference: Reference,
     *,
-    train_config: dict | None = None,
-    data_root: str | os.PathLike | None = None,
-    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
     log: Callable[[str], None] = print,
 ) -> VerifyReport:
-    """Compare every listed file in ``export_dir`` with the eager ``model``, each against the
-    tolerance its entry records.
+    """Compare every listed file in ``export_dir`` with the eager ``reference`` on its cases, each
+    against the tolerance its entry records (and fp16 files against fp16's range).
 
     Does not check integrity (``verify`` does, first; ``export`` compares files it just wrote).
     """
-    batch_sizes = tuple(batch_sizes)
-    if not batch_sizes or any(not isinstance(b, int) or b < 1 for b in batch_sizes):
-        raise UsageError(f"batch sizes must be positive integers; got {list(batch_sizes)}")
     export_dir = Path(export_dir)
-    model = model.eval().cpu()
-    images, inputs_desc = _images(max(batch_sizes), model, train_config, data_root)
-    feeds = _feeds(model, images, batch_sizes)
+    feeds = reference.feeds()
     rows = [
         row
         for entry in files
         for backend in _backends(export_dir, entry)
-        for row in _check(entry, backend, feeds, batch_sizes)
+        for row in _check(entry, backend, feeds, reference)
     ]
+    for entry in files:
+        if entry.precision == "fp16" and entry.format.startswith("onnx"):
+            rows += _fp16_range_rows(export_dir, entry, files, feeds, reference)
     ran = any(r.status == "pass" for r in rows)
     passed = ran and not any(r.status == "fail" for r in rows)
-    report = VerifyReport(passed, rows, str(export_dir), inputs=inputs_desc, batch_sizes=batch_sizes)
+    batches = tuple(dict.fromkeys(c.batch for c in reference.cases))
+    report = VerifyReport(passed, rows, str(export_dir), inputs=reference.inputs, batch_sizes=batches)
+    report.sizes = list(dict.fromkeys(c.label for c in reference.cases if c.label))
+    report.checkpoint = reference.source
     if not ran:
         report.notes.append("nothing could be run, so nothing was verified")
     log(report.table())
     return report
-
-
-def _source_model(
-    export_dir: str | os.PathLike, manifest: Any, checkpoint: str | os.PathLike | None
-) -> tuple[VAE, dict, str, str]:
-    """The eager model to compare with: the given checkpoint, else the one the manifest names
-    (found relative to the export folder, and still the file that was exported)."""
-    recorded = manifest.model.source
-    note = ""
-    if checkpoint is None:
-        path = source_checkpoint(export_dir, manifest)
-    else:
-        path = Path(checkpoint)
-        if path.is_file() and recorded.get("sha256") and sha256_file(path) != recorded["sha256"]:
-            note = f"note: {path} is not the checkpoint this export was made from (sha256 differs)"
-    state = read_checkpoint(path)
-    model = model_from_state(state, str(path))
-    want, got = manifest.raw.get("model_config"), to_dict(model.config)
-    if isinstance(want, dict) and want != got:
-        diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
-        raise ExportError(
-            f"{path} does not have the exported model's architecture (differs in {', '.join(diff)}); "
-            "pass the checkpoint the export was made from"
-        )
-    return model, state, str(path), note
 
 
 def verify(
@@ -366,31 +343,31 @@ def verify(
     *,
     checkpoint: str | os.PathLike | None = None,
     data_root: str | os.PathLike | None = None,
-    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    batch_sizes: Sequence[int] | None = None,
+    sizes: Sequence[Sequence[int]] | None = None,
+    modules: tuple[Any, Any] | None = None,
     json_path: str | os.PathLike | None = None,
     log: Callable[[str], None] = print,
 ) -> VerifyReport:
     """Check the folder's integrity, then compare every exported graph with eager PyTorch.
 
-    Returns the report (``report.passed``); raises ``IntegrityError``/``ExportError`` for a
-    tampered or unusable folder. ``json_path`` also writes ``report.to_dict()`` as JSON.
+    The eager model is rebuilt from the manifest's source (``checkpoint`` overrides it: another
+    checkpoint, diffusers folder or weights file; ``modules=(encoder, decoder)`` gives it directly).
+    ``batch_sizes`` and ``sizes`` (image (H, W) pairs, for dynamic-size exports) default to our
+    models' (1, 7, 256), or to those recorded at export. Returns the report (``report.passed``);
+    raises ``IntegrityError``/``ExportError`` for a tampered or unusable folder. ``json_path``
+    also writes ``report.to_dict()`` as JSON.
     """
     manifest = check_manifest(export_dir)  # before anything is loaded
-    model, state, source, note = _source_model(export_dir, manifest, checkpoint)
-    if note:
-        log(note)
-    report = compare(
-        export_dir,
-        manifest.files,
-        model,
-        train_config=state.get("train_config"),
-        data_root=data_root,
-        batch_sizes=batch_sizes,
-        log=log,
-    )
-    report.checkpoint = source
-    if note:
-        report.notes.append(note)
+    reference = references.for_export(
+        export_dir, manifest, override=checkpoint, data_root=data_root, batch_sizes=batch_sizes, sizes=sizes,
+        modules=modules,
+    )  # fmt: skip
+    if reference.note:
+        log(reference.note)
+    report = compare(export_dir, manifest.files, reference, log=log)
+    if reference.note:
+        report.notes.append(reference.note)
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(report.to_dict(), indent=2) + "\n")
     return report

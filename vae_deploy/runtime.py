@@ -5,8 +5,13 @@
     mu, logvar = rt.encode(x)                   # x [n, C, H, W]
     x_hat = rt.decode(mu)
 
-Determinism: ``sample(n, seed)`` depends only on (seed, n), never on ``batch_size`` or the
-provider, and its first k images are ``sample(k, seed)`` (vae_deploy/streams.py gives the recipe).
+Exports that take any image size (diffusers-style VAEs: spatial latents [c, h, w], height and width
+multiples of ``model.downsampling_factor``) encode and decode any size, and sample at the size
+asked for: ``rt.sample(4, seed=0, latent_size=(64, 64))`` (or ``image_size=(512, 512)``).
+
+Determinism: image i of ``sample(n, seed)`` depends only on (seed, i), never on ``batch_size``,
+n or the provider: its first k images are ``sample(k, seed)`` and ``sample_rows(a, b, seed)`` is
+its slice [a, b) (stream version 2, vae_deploy/streams.py; docs/CONTRACT.md gives the recipe).
 On CPU the images are bitwise identical for every batch size and CPU plan; on CUDA z is identical
 and the pixels agree to float rounding (cuBLAS picks kernels per shape).
 
@@ -20,6 +25,13 @@ against the contract at load and bound by name. Never imports torch or onnx.
 
 Threads: ``decode``/``encode``/``sample`` may be called from several threads at once. CPU sessions
 are thread-safe; the CUDA engine serialises its calls.
+
+CPU plans (threads, spinning, small/large sessions, row chunking; ``CpuPlan``): ``cpu_plan="auto"``
+(the default) uses the plan ``vae-deploy tune`` cached for this CPU, onnxruntime version and graph
+file (vae_deploy.plans), else the built-in default; ``"tuned"`` also tunes and caches one on first
+use (a few seconds, once per machine and file); ``"default"`` ignores the cache; a ``CpuPlan``
+fixes everything (tests, Ray actors). ``plan_source`` says which plan each graph got. A plan never
+changes results.
 """
 
 from __future__ import annotations
@@ -34,18 +46,24 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from vae_deploy import inputs, sessions
+from vae_deploy import inputs, plans, sessions
 from vae_deploy.config import DEVICES
 from vae_deploy.contract import DECODER, ENCODER, LOGVAR, MEAN, PRECISION_FORMAT, GraphSpec, ModelSpec
+from vae_deploy.decoding import sample_batches
 from vae_deploy.engines import CpuPlan, Engine, open_engine
 from vae_deploy.errors import ExportError, ProviderError, UsageError
+from vae_deploy.files import sha256_bytes
 from vae_deploy.manifest import read_manifest, read_verified
 from vae_deploy.resources import require_memory
 from vae_deploy.streams import sample_streams
 
 PROVIDERS = DEVICES
 PRECISIONS = tuple(PRECISION_FORMAT)
+PLAN_CHOICES = ("auto", "tuned", "default")
 CUDA_SAMPLE_BATCH = 1024
+SPATIAL_BATCH_BYTES = 4 << 20  # default sample batch of any-size exports: ~4 MB of images per run
+EXPORT_HINTS = {"fp16": " (export with --fp16)", "int8": " (export with --int8)"}
+_F32 = np.dtype(np.float32)
 
 GraphLoader = Callable[[], tuple[bytes, str]]  # -> (verified model bytes, name for errors)
 
@@ -54,8 +72,10 @@ class VAERuntime:
     """Decoder (and lazily the encoder) of an export folder on ONNX Runtime.
 
     ``provider``: "auto" (CUDA when a session really gets it, else CPU), "cuda" (or ProviderError),
-    "cpu". ``intra_op_threads`` fixes the CPU thread count (one session); ``cpu_plan`` gives full
-    control (see CpuPlan). ``precision="fp16"`` loads the optional ``decoder.fp16.onnx``.
+    "cpu". ``intra_op_threads`` fixes the CPU thread count (one session); ``cpu_plan`` is "auto"
+    (a cached tuned plan, else the default), "tuned" (tune on first use), "default" or a
+    ``CpuPlan`` (see the module doc). ``precision="fp16"`` loads the optional ``decoder.fp16.onnx``,
+    ``"int8"`` the optional ``decoder.int8.onnx`` (``vae-deploy export --int8``; CPU).
     ``cuda_graphs`` captures one CUDA graph per batch bucket for host-output decode/sample;
     ``tf32`` lets CUDA use TF32 for fp32 math (off: CUDA matches the CPU to the contract's
     tolerance). Sets onnxruntime's process-wide default log severity to ``log_severity``.
@@ -67,7 +87,7 @@ class VAERuntime:
         provider: str = "auto",
         *,
         intra_op_threads: int | None = None,
-        cpu_plan: CpuPlan | None = None,
+        cpu_plan: CpuPlan | str | None = "auto",
         precision: str = "fp32",
         device_id: int = 0,
         cuda_graphs: bool = True,
@@ -79,12 +99,14 @@ class VAERuntime:
         self.manifest = read_manifest(self.export_dir)
         fmt = PRECISION_FORMAT[precision]
         loaders: dict[str, tuple[GraphLoader, GraphSpec]] = {}
+        self._digests = {}
         for graph, wanted in ((DECODER, fmt), (ENCODER, "onnx")):
             entry = self.manifest.entry(graph, wanted)
             if entry is not None:
                 loaders[graph] = (self._folder_loader(entry), entry.spec)
+                self._digests[graph] = entry.sha256
         if DECODER not in loaders:
-            hint = " (export with --fp16)" if precision == "fp16" else ""
+            hint = EXPORT_HINTS.get(precision, "")
             have = self.manifest.formats(DECODER)
             raise ExportError(f"{self.export_dir} lists no decoder {fmt!r} file{hint}; it has {have or 'none'}")
         self._setup(self.manifest.model, loaders, provider, precision, intra_op_threads, cpu_plan,
@@ -100,7 +122,7 @@ class VAERuntime:
         *,
         precision: str = "fp32",
         intra_op_threads: int | None = None,
-        cpu_plan: CpuPlan | None = None,
+        cpu_plan: CpuPlan | str | None = "auto",
         device_id: int = 0,
         cuda_graphs: bool = True,
         tf32: bool = False,
@@ -114,6 +136,7 @@ class VAERuntime:
         _check_options(provider, precision, intra_op_threads, cpu_plan)
         self = cls.__new__(cls)
         self.export_dir, self.manifest = None, None
+        self._digests = {}  # hashed from the bytes, if a cached plan is looked up
 
         def loader(path: str | os.PathLike) -> GraphLoader:
             return lambda: (Path(path).read_bytes(), Path(path).name)
@@ -136,7 +159,7 @@ class VAERuntime:
         provider: str,
         precision: str,
         intra_op_threads: int | None,
-        cpu_plan: CpuPlan | None,
+        cpu_plan: CpuPlan | str | None,
         device_id: int,
         cuda_graphs: bool,
         tf32: bool,
@@ -144,7 +167,9 @@ class VAERuntime:
     ) -> None:
         if intra_op_threads is not None:
             cpu_plan = CpuPlan(small_batch_max=0, threads=inputs.count(intra_op_threads, "intra_op_threads"))
-        self.cpu_plan = cpu_plan or CpuPlan()
+        self._plan_choice = "auto" if cpu_plan is None else cpu_plan
+        self.cpu_plan = cpu_plan if isinstance(cpu_plan, CpuPlan) else CpuPlan()  # the decoder's, once open
+        self.plan_source: dict[str, str] = {}
         self.model = model
         self.latent_shape: tuple = tuple(model.latent_shape)
         self.image_shape: tuple = tuple(model.image_shape)
@@ -160,11 +185,19 @@ class VAERuntime:
         sessions.set_log_severity(log_severity)
         self.provider = self._resolve_provider(provider)
         self._engines[DECODER] = self._open(DECODER)
+        self._decode_first = self._engines[DECODER].run_first
+        static = all(isinstance(d, int) for d in self.latent_shape)
+        self._latent_rows = self.latent_shape if static else None  # the shape the lean decode path accepts
 
     # engines ------------------------------------------------------------------------------------
 
     def _resolve_provider(self, provider: str) -> str:
         if provider == "cpu":
+            return "cpu"
+        if self.precision == "int8":  # QGemm and friends are onnxruntime CPU kernels
+            if provider == "cuda":
+                raise UsageError("the int8 decoder runs on the CPU: use provider='cpu' or 'auto'")
+            self.fallback_reason = "the int8 decoder runs on the CPU (onnxruntime's int8 kernels are CPU kernels)"
             return "cpu"
         unavailable = sessions.cuda_unavailable()
         if unavailable:
@@ -185,7 +218,7 @@ class VAERuntime:
                     name,
                     spec,
                     "cuda",
-                    plan=self.cpu_plan,
+                    plan=CpuPlan(),
                     cuda_graphs=cuda_graphs,
                     **self._engine_options,
                 )
@@ -194,15 +227,36 @@ class VAERuntime:
             except ProviderError as exc:
                 self.fallback_reason = exc.reason
                 self.provider = "cpu"
+        plan = self._plan_for(graph, model, name, spec) if self.provider == "cpu" else CpuPlan()
         return open_engine(
             model,
             name,
             spec,
             self.provider,
-            plan=self.cpu_plan,
+            plan=plan,
             cuda_graphs=cuda_graphs,
             **self._engine_options,
         )
+
+    def _plan_for(self, graph: str, model: bytes, name: str, spec: GraphSpec) -> CpuPlan:
+        """The CPU plan of one graph: explicit, cached for this machine and file, tuned now, or the default."""
+        choice = self._plan_choice
+        if isinstance(choice, CpuPlan):
+            plan, source = choice, "given"
+        elif choice == "default":
+            plan, source = CpuPlan(), "default"
+        else:
+            digest = self._digests.get(graph) or sha256_bytes(model)
+            cached = plans.load_plan(digest)
+            if cached is None and choice == "tuned":
+                from vae_deploy.tune import tune_bytes  # measures for a few seconds, once per machine and file
+
+                cached = tune_bytes(model, spec, name)
+            plan, source = (cached.plan, f"cached ({cached.path})") if cached else (CpuPlan(), "default (none cached)")
+        self.plan_source[graph] = source
+        if graph == DECODER:
+            self.cpu_plan = plan
+        return plan
 
     def engine(self, graph: str) -> Engine:
         """The engine running ``"decoder"`` or ``"encoder"`` (the encoder is opened, and its file
@@ -228,6 +282,21 @@ class VAERuntime:
         One unbatched latent gives one image. float64/int input is cast. ``device_output=True`` on
         CUDA returns a CUDA OrtValue (``torch.from_dlpack`` takes it); on CPU the numpy result.
         """
+        # The common call (a C-contiguous float32 batch of finite, bounded latents) costs a few
+        # attribute checks and one float32 dot product before the session runs; anything else
+        # takes the checked path, which converts or says what was expected.
+        if (
+            type(z) is np.ndarray
+            and z.dtype is _F32
+            and z.shape[1:] == self._latent_rows
+            and not device_output
+            and z.flags.c_contiguous
+            and inputs.plain_latents(z)
+        ):
+            return self._decode_first(z)
+        return self._decode_checked(z, device_output)
+
+    def _decode_checked(self, z: Any, device_output: bool) -> Any:
         z, single = inputs.batch_of(z, "z", self.latent_shape)
         inputs.check_latents(z)
         engine = self._engines[DECODER]
@@ -238,7 +307,7 @@ class VAERuntime:
                 )
             if self.provider == "cuda":
                 return engine.run_device(z)[0]
-        x = engine.run(z)[0]
+        x = engine.run_first(z)
         return x[0] if single else x
 
     def encode(self, x: Any) -> tuple[np.ndarray, np.ndarray | None]:
@@ -263,6 +332,8 @@ class VAERuntime:
     def _images(self, x: Any) -> tuple[np.ndarray, bool]:
         x, single = inputs.batch_of(x, "x", self.image_shape)
         inputs.check_images(x, self.value_range)
+        if self.model.dynamic_size and self.model.downsampling_factor:
+            inputs.check_multiple(x.shape[2:], self.model.downsampling_factor, "x's height and width")
         return x, single
 
     # sampling -----------------------------------------------------------------------------------
@@ -272,34 +343,80 @@ class VAERuntime:
             raise UsageError(f"this export's {what} {list(shape)} has symbolic sizes; sampling needs fixed ones")
         return shape
 
-    def _check_sample_args(self, n: Any, batch_size: Any, rows_kept: int | None) -> tuple[int, int]:
+    def _sample_shapes(self, latent_size: Any, image_size: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(latent, image) shapes of one sample: the export's fixed ones, or at the size asked for."""
+        if self.model.dynamic_size and latent_size is None and image_size is None:
+            f = self.model.downsampling_factor
+            raise UsageError(
+                f"this export takes any size: pass latent_size=(latent_height, latent_width) or image_size=(height, "
+                f"width) (images are {f or '?'}x the latent size)"
+            )
+        return self.model.shapes_at(image_size=image_size, latent_size=latent_size)
+
+    def _check_sample_args(
+        self, n: Any, batch_size: Any, rows_kept: int | None, image_shape: tuple[int, ...] | None = None
+    ) -> tuple[int, int]:
         n = inputs.count(n, "n")
+        image_shape = image_shape or self._static("image shape", self.image_shape)
         default = CUDA_SAMPLE_BATCH if self.provider == "cuda" else self.cpu_plan.sample_batch
+        row_bytes = 4 * math.prod(image_shape)
+        if self.model.dynamic_size:  # large images: default to about SPATIAL_BATCH_BYTES of them per run
+            default = max(1, min(default, SPATIAL_BATCH_BYTES // row_bytes))
         batch = min(n, default if batch_size is None else inputs.count(batch_size, "batch_size"))
-        row_bytes = 4 * math.prod(self._static("image shape", self.image_shape))
         need = row_bytes * (n if rows_kept is None else min(n, max(batch, rows_kept)))
         require_memory(
             need,
-            f"{n} samples of shape {list(self.image_shape)}",
+            f"{n} samples of shape {list(image_shape)}",
             "use sample_iter() to stream them in batches" if rows_kept is None else "use a smaller batch_size",
         )
         return n, batch
 
-    def _streams(self, seed: Any, bernoulli: bool) -> tuple[Any, Any]:
-        latent = self._static("latent shape", self.latent_shape)
-        return sample_streams(seed, latent, self.image_shape if bernoulli else None)
+    def _streams(self, seed: Any, bernoulli: bool, shapes: tuple[tuple[int, ...], tuple[int, ...]]) -> tuple[Any, Any]:
+        latent, image = shapes
+        return sample_streams(seed, latent, image if bernoulli else None)
 
     def sample_iter(
-        self, n: int, seed: Any = None, batch_size: int | None = None, bernoulli: bool = False
+        self,
+        n: int,
+        seed: Any = None,
+        batch_size: int | None = None,
+        bernoulli: bool = False,
+        *,
+        start: int = 0,
+        latent_size: tuple[int, int] | None = None,
+        image_size: tuple[int, int] | None = None,
     ) -> Iterator[np.ndarray]:
-        """Yield the images of ``sample(n, seed, ...)`` batch by batch: memory bounded by one batch."""
-        n, batch = self._check_sample_args(n, batch_size, rows_kept=0)
-        z_stream, pixel_stream = self._streams(seed, bernoulli)
-        engine = self._engines[DECODER]
-        for start in range(0, n, batch):
-            b = min(batch, n - start)
-            x = engine.run(z_stream.take(b))[0]
-            yield (pixel_stream.take(b) < x).astype(np.float32) if pixel_stream else x
+        """Yield images ``start .. start + n - 1`` of ``sample(start + n, seed, ...)`` batch by batch:
+        memory bounded by one batch, and no rows before ``start`` are drawn or decoded."""
+        shapes = self._sample_shapes(latent_size, image_size)
+        n, batch = self._check_sample_args(n, batch_size, rows_kept=0, image_shape=shapes[1])
+        start = inputs.index(start, "start")
+        z_stream, pixel_stream = self._streams(seed, bernoulli, shapes)
+        yield from sample_batches(self._engines[DECODER], z_stream, pixel_stream, start, start + n, batch)
+
+    def sample_rows(
+        self,
+        start: int,
+        stop: int,
+        seed: Any,
+        batch_size: int | None = None,
+        bernoulli: bool = False,
+        *,
+        latent_size: tuple[int, int] | None = None,
+        image_size: tuple[int, int] | None = None,
+    ) -> np.ndarray:
+        """Images [start, stop) of ``sample(stop, seed, ...)`` as one array: what one shard or one
+        worker draws, without touching the rows before ``start``. Pass an int seed."""
+        start, stop = inputs.row_range(start, stop)
+        image_shape = self._sample_shapes(latent_size, image_size)[1]
+        n, _ = self._check_sample_args(stop - start, batch_size, rows_kept=None, image_shape=image_shape)
+        out = np.empty((n, *image_shape), np.float32)
+        row = 0
+        sizes = dict(latent_size=latent_size, image_size=image_size)
+        for x in self.sample_iter(n, seed, batch_size, bernoulli, start=start, **sizes):
+            out[row : row + len(x)] = x
+            row += len(x)
+        return out
 
     def sample(
         self,
@@ -309,6 +426,9 @@ class VAERuntime:
         bernoulli: bool = False,
         device_output: bool = False,
         progress: Callable[[int], None] | None = None,
+        *,
+        latent_size: tuple[int, int] | None = None,
+        image_size: tuple[int, int] | None = None,
     ) -> Any:
         """n images [n, C, H, W] float32 decoded from z ~ N(0, I); image i depends only on the seed.
 
@@ -316,17 +436,25 @@ class VAERuntime:
         ``batch_size`` only changes speed and memory. ``progress(k)`` is called after each batch
         with the number of samples it added. ``device_output=True`` on CUDA returns one CUDA
         OrtValue holding all n images (DLPack-capable); on CPU a numpy array.
+
+        Exports that take any size need ``latent_size=(h, w)`` or ``image_size=(H, W)``. The prior
+        is the VAE's own: z ~ N(0, I) in the decoder's input space (unscaled latents; a diffusion
+        model's latents are ``z * scaling_factor`` shifted). A KL VAE's decodes of prior draws are
+        rarely pictures (its KL weight is tiny; diffusion models generate its latents); a VAE without
+        logvar (AutoencoderTiny) has no prior, and N(0, I) is only a convention there.
         """
-        n, batch = self._check_sample_args(n, batch_size, rows_kept=None)
-        z_stream, pixel_stream = self._streams(seed, bernoulli)
+        shapes = self._sample_shapes(latent_size, image_size)
+        image_shape = shapes[1]
+        n, batch = self._check_sample_args(n, batch_size, rows_kept=None, image_shape=image_shape)
+        z_stream, pixel_stream = self._streams(seed, bernoulli, shapes)
         engine = self._engines[DECODER]
         # On CUDA, plain samples go straight into one device buffer; Bernoulli draws are made on the
         # host (numpy's generator) and uploaded at the end.
         to_device = device_output and self.provider == "cuda"
         device = None
         if to_device and pixel_stream is None:
-            device = sessions.device_array([n, *self.image_shape], np.float32, self._engine_options["device_id"])
-        host = None if device is not None else np.empty((n, *self.image_shape), np.float32)
+            device = sessions.device_array([n, *image_shape], np.float32, self._engine_options["device_id"])
+        host = None if device is not None else np.empty((n, *image_shape), np.float32)
         for start in range(0, n, batch):
             b = min(batch, n - start)
             z = z_stream.take(b)
@@ -355,7 +483,10 @@ def _check_options(provider: str, precision: str, intra_op_threads: Any, cpu_pla
         raise UsageError(f"provider must be one of {PROVIDERS}, got {provider!r}")
     if precision not in PRECISIONS:
         raise UsageError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    named = isinstance(cpu_plan, str) and cpu_plan in PLAN_CHOICES
+    if not (cpu_plan is None or named or isinstance(cpu_plan, CpuPlan)):
+        raise UsageError(f"cpu_plan must be one of {PLAN_CHOICES} or a CpuPlan, got {cpu_plan!r:.80}")
     if intra_op_threads is not None:
-        if cpu_plan is not None:
+        if cpu_plan not in (None, "auto"):
             raise UsageError("give either intra_op_threads or cpu_plan, not both")
         inputs.count(intra_op_threads, "intra_op_threads")

@@ -35,7 +35,7 @@ from vae_deploy.checkpoint import (
     save_safetensors,
 )
 from vae_deploy.config import ModelConfig, TrainConfig, to_dict
-from vae_deploy.data import Splits, load_splits
+from vae_deploy.data import Splits, load_splits, to_unit_float
 from vae_deploy.distributed import (
     Group,
     batches_per_epoch,
@@ -165,7 +165,7 @@ def evaluate_sums(
     for j, i in enumerate(range(0, len(x), batch_size)):
         if j % part[1] != part[0]:
             continue
-        xb = x[i : i + batch_size].to(device)
+        xb = to_unit_float(x[i : i + batch_size].to(device))
         gen = torch.Generator(device=device).manual_seed(_derived_seed("eval", seed, j))
         out = model(xb, sample=True, generator=gen)
         terms = elbo_loss(out.logits, xb, out.kl, cfg.loss, cfg.beta, cfg.alpha)
@@ -251,6 +251,8 @@ def train(
                     download=cfg.download,
                     train_limit=cfg.train_limit,
                     val_limit=cfg.val_limit,
+                    image_shape=model_cfg.image_shape,
+                    as_float=False,  # uint8 stays uint8 (a quarter of the memory); each batch is converted
                 )
             log(f"data: {splits.note}")
             if tuple(splits.train_x.shape[1:]) != model_cfg.image_shape:
@@ -358,7 +360,7 @@ def _fit(
                     p.seconds = seconds_before + time.perf_counter() - t0
                     checkpoint()
                     raise shared(TrainingInterrupted(ckpt_path))
-                xb = train_x[order[b].to(device)]
+                xb = to_unit_float(train_x[order[b].to(device)])
                 out_ = net(xb, generator=eps_gen)
                 terms = elbo_loss(out_.logits, xb, out_.kl, cfg.loss, cfg.beta, cfg.alpha)
                 (loss_sum, recon_sum, kl_sum), seen = group.step_sums(

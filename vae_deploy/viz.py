@@ -25,6 +25,7 @@ import numpy as np
 
 from vae_deploy.errors import UsageError, printable
 from vae_deploy.figures import (
+    DPI,
     check_channels,
     check_figure,
     check_tiles,
@@ -53,8 +54,9 @@ from vae_deploy.resources import require_memory
 CHUNK = 1000  # rows per encode/decode call: bounds the model's working memory
 MAX_SEED = 2**32 - 1  # numpy and scikit-learn seeds
 MAX_VALIDATION = 10_000  # the largest validation split of the datasets here (MNIST's test set)
-CLASSES = 10  # every dataset here has ten labels: one row each in ``vary``
-MAP_FIGURE_INCHES = {True: (9.0, 4.0), False: (5.6, 4.6)}  # latent-map figure, by "2-D latent"
+CLASSES = 10  # rows of ``vary``: one per class (a seeded choice of ten where there are more)
+MAP_INCHES = (5.6, 4.6)  # latent-map's scatter panel (the whole figure above 2-D)
+MANIFOLD_MIN_INCHES = 3.6  # the decoded manifold's side at least; one figure pixel per image pixel above
 
 
 # --- the model source ---------------------------------------------------------------------------
@@ -72,6 +74,7 @@ class Source:
     kind: str  # "checkpoint" or "export"
     dataset: str | None = None  # what it was trained on, when known (checkpoints)
     binarize: bool = False
+    data_root: str | None = None  # where its data was (checkpoints): a folder dataset's default root
 
 
 def _checkpoint_source(path: Path) -> Source:
@@ -106,6 +109,7 @@ def _checkpoint_source(path: Path) -> Source:
         "checkpoint",
         train_cfg.get("dataset"),
         bool(train_cfg.get("binarize", False)),
+        train_cfg.get("data_root"),
     )
 
 
@@ -159,22 +163,42 @@ def validation_set(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Validation images (float32 [N,C,H,W]) and labels (int64 [N]) that fit ``source``.
 
-    ``synthetic`` data is made in the model's image shape; a real dataset must match it.
+    ``synthetic``, ``folder`` and ``celeba`` data are made in the model's image shape; another
+    dataset must match it. A folder model's default root is the folder it was trained on.
     """
-    from vae_deploy.data import load_splits
+    x, y, _ = _validation(source, dataset, data_root, limit)
+    return x, y
+
+
+def _validation(
+    source: Source, dataset: str | None, data_root: str | os.PathLike | None, limit: int | None = None
+) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """:func:`validation_set` and the label names (``()`` where the dataset has none)."""
+    from vae_deploy.data import load_splits, to_unit_float
 
     if limit is not None:
         _count("limit", limit)
     name = dataset or source.dataset or "mnist"
-    shape = tuple(source.image_shape) if name == "synthetic" else None
-    splits = load_splits(name, data_root, binarize=source.binarize, val_limit=limit, image_shape=shape)
-    x = splits.val_x.numpy().astype(np.float32, copy=False)
-    if tuple(x.shape[1:]) != tuple(source.image_shape):
+    if data_root is None and name == source.dataset:
+        data_root = source.data_root
+    shape = tuple(source.image_shape)
+    splits = load_splits(
+        name, data_root, binarize=source.binarize, train_limit=1, val_limit=limit, image_shape=shape, as_float=False
+    )
+    x = to_unit_float(splits.val_x).numpy().astype(np.float32, copy=False)
+    if tuple(x.shape[1:]) != shape:
         raise UsageError(
-            f"{source.name} takes images of shape {tuple(source.image_shape)}, but {name} has "
+            f"{source.name} takes images of shape {shape}, but {name} has "
             f"{tuple(x.shape[1:])}: pick the dataset the model was trained on"
         )
-    return x, splits.val_y.numpy()
+    return x, splits.val_y.numpy(), splits.classes
+
+
+def _label(classes: tuple[str, ...], value: Any, width: int = 10) -> str:
+    """A label's name (shortened to ``width``) where the dataset names them, else its number."""
+    i = int(value)
+    text = classes[i] if 0 <= i < len(classes) else str(i)
+    return text if len(text) <= width else text[: width - 1] + "~"
 
 
 def _count(name: str, value: Any, least: int = 1, why: str = "") -> int:
@@ -231,14 +255,14 @@ def reconstruct(
     n = _count("n", n)
     check_tiles("n", n, n)
     _require_grid(source, f"reconstruct -n {n}", "use a smaller -n", 2, n, n)
-    x, y = validation_set(source, dataset, data_root)
+    x, y, classes = _validation(source, dataset, data_root)
     idx = np.random.default_rng(seed).choice(len(x), size=min(n, len(x)), replace=False)
     mu, _ = source.encode(x[idx])
     fig = grid_figure(
         [x[idx], source.decode(mu)],
         ["original", "reconstruction"],
         f"{source.name}: reconstructions (validation, seed {seed})",
-        [str(int(v)) for v in y[idx]],
+        [_label(classes, v) for v in y[idx]] if len(np.unique(y)) > 1 else [f"#{i}" for i in idx],
     )
     return save(fig, out)
 
@@ -268,7 +292,7 @@ def interpolate(
         if len(indices) != 2:
             raise UsageError(f"indices must be two validation indices (i, j), got {indices!r}")
         indices = (_count("index", indices[0], 0), _count("index", indices[1], 0))
-    x, y = validation_set(source, dataset, data_root)
+    x, y, classes = _validation(source, dataset, data_root)
     if indices is None:
         i, j = pick_pair(y, seed)
     else:
@@ -282,7 +306,7 @@ def interpolate(
         paths["slerp"] = slerp(mu[0], mu[1], steps)
     picture = [np.concatenate([x[i : i + 1], source.decode(z), x[j : j + 1]]) for z in paths.values()]
     cols = [f"#{i}"] + [f"{t:.2g}" for t in np.linspace(0, 1, steps)] + [f"#{j}"]
-    title = f"{source.name}: {int(y[i])} -> {int(y[j])} (validation #{i} -> #{j})"
+    title = f"{source.name}: {_label(classes, y[i], 24)} -> {_label(classes, y[j], 24)} (validation #{i} -> #{j})"
     return save(grid_figure(picture, list(paths), title, cols), out)
 
 
@@ -295,22 +319,41 @@ def vary(
     n: int = 5,
     seed: int = 0,
 ) -> Path:
-    """One row per class: an example, then n decodes of z drawn from its posterior N(mu, sigma^2)."""
+    """One row per class (at most ``CLASSES``, picked by ``seed``; unlabelled data: as many images):
+    an example, then n decodes of z drawn from its posterior N(mu, sigma^2)."""
     _start(source, out, seed)
     n = _count("n", n)
     check_tiles("n", n, n + 1)
     _require_grid(source, f"vary -n {n}", "use a smaller -n", CLASSES, n + 1, CLASSES * n)
-    x, y = validation_set(source, dataset, data_root)
+    x, y, names = _validation(source, dataset, data_root)
     rng = np.random.default_rng(seed)
     classes, picks = one_per_class(y, rng)
+    if len(classes) > CLASSES:  # a seeded choice of CLASSES classes, in label order
+        keep = np.sort(rng.choice(len(classes), size=CLASSES, replace=False))
+        classes, picks = [classes[k] for k in keep], [picks[k] for k in keep]
+    row_labels = [_label(names, c) for c in classes]
+    if len(classes) == 1:  # unlabelled: different images, one row each
+        picks = rng.choice(len(x), size=min(CLASSES, len(x)), replace=False).tolist()
+        row_labels = [f"#{k}" for k in picks]
     mu, logvar = source.encode(x[picks])
     rows = [
         np.concatenate([x[k : k + 1], source.decode(posterior_draws(mu[r], logvar[r], n, rng))])
         for r, k in enumerate(picks)
     ]
     cols = ["input"] + [f"z~q{t + 1}" for t in range(n)]
-    title = f"{source.name}: {n} draws from q(z|x) per class (seed {seed})"
-    return save(grid_figure(rows, [str(c) for c in classes], title, cols), out)
+    per = "per class" if len(classes) > 1 else "per image"
+    title = f"{source.name}: {n} draws from q(z|x) {per} (seed {seed})"
+    return save(grid_figure(rows, row_labels, title, cols), out)
+
+
+def map_inches(image_shape: tuple[int, int, int], grid: int | None) -> tuple[float, float]:
+    """latent-map's figure size: the scatter panel, and for a 2-D latent the decoded manifold beside
+    it, large enough to show each decoded image at its own size (a 20 x 20 grid of 64x64 images is
+    1,280 pixels a side) so that large images are not shrunk into a blur."""
+    if grid is None:
+        return MAP_INCHES
+    side = max(MANIFOLD_MIN_INCHES, grid * max(image_shape[1:]) / DPI)
+    return MAP_INCHES[0] + side + 0.9, max(MAP_INCHES[1] - 0.6, side + 1.2)  # + room for ticks and labels
 
 
 def _map_bytes(source: Source, images: int, grid: int | None) -> int:
@@ -319,7 +362,7 @@ def _map_bytes(source: Source, images: int, grid: int | None) -> int:
     need = _image_bytes(source, min(images, CHUNK)) * 8 + images * (8 * source.latent_dim + 3 * 8 * 91)
     if grid is not None:
         need += _decode_bytes(source, grid * grid) + mosaic_bytes(grid, grid, source.image_shape, pad=0)
-    return need + figure_bytes(*MAP_FIGURE_INCHES[grid is not None])
+    return need + figure_bytes(*map_inches(source.image_shape, grid))
 
 
 def latent_map(
@@ -350,14 +393,16 @@ def latent_map(
     if two_d:
         check_tiles("grid", grid, grid)
     what = f"latent-map --limit {images}" + (f" --grid {grid}" if two_d else "")
+    check_figure(*map_inches(source.image_shape, grid if two_d else None), what)
     require_memory(_map_bytes(source, images, grid if two_d else None), what, "use a smaller --limit or --grid")
-    x, y = validation_set(source, dataset, data_root, limit)
+    x, y, classes = _validation(source, dataset, data_root, limit)
     mu, _ = source.encode(x)
     xy, how = embed_2d(mu, how, seed)
-    fig = new_figure(*MAP_FIGURE_INCHES[two_d])
-    ax = fig.add_subplot(1, 2, 1) if two_d else fig.add_subplot()
-    points = ax.scatter(xy[:, 0], xy[:, 1], c=y, cmap="tab10", vmin=-0.5, vmax=9.5, s=5, alpha=0.8)
-    fig.colorbar(points, ax=ax, ticks=range(10), label="label", shrink=0.85)
+    inches = map_inches(source.image_shape, grid if two_d else None)
+    fig = new_figure(*inches)
+    panels = fig.add_gridspec(1, 2, width_ratios=[MAP_INCHES[0], inches[0] - MAP_INCHES[0]]) if two_d else None
+    ax = fig.add_subplot(panels[0], box_aspect=1) if panels is not None else fig.add_subplot()
+    _scatter_by_label(fig, ax, xy, y, classes)
     ax.set_xlabel(f"{how} 1" if how != "z" else "z1")
     ax.set_ylabel(f"{how} 2" if how != "z" else ("z2" if d == 2 else ""))
     ax.set_title(f"{source.name}: latent means of {len(x)} validation images (d={d}, {how})", fontsize=9)
@@ -365,7 +410,7 @@ def latent_map(
         z, q = manifold_latents(grid)
         tiles = source.decode(z)
         rows = [tiles[r * grid : (r + 1) * grid] for r in range(grid)]
-        ax2 = fig.add_subplot(1, 2, 2)
+        ax2 = fig.add_subplot(panels[1])
         labels = [f"{v:.2f}" for v in q]
         # antialiased: the mosaic is shrunk to fit, and nearest-neighbour shrinking aliases
         draw_grid(ax2, rows, labels[::-1], labels, pad=0, every=max(1, grid // 6), interpolation="antialiased")
@@ -374,6 +419,23 @@ def latent_map(
         ax2.set_title("decoded manifold", fontsize=9)
         ax.add_patch(_quantile_box(q))
     return save(fig, out)
+
+
+def _scatter_by_label(fig: Any, ax: Any, xy: np.ndarray, y: np.ndarray, classes: tuple[str, ...]) -> None:
+    """Points coloured by label: ten distinct colours (named ticks) for up to ten labels, a
+    continuous colour map above, one colour for unlabelled data."""
+    count = max(int(y.max(initial=0)) + 1, len(classes))
+    if count <= 1:
+        ax.scatter(xy[:, 0], xy[:, 1], color="C0", s=5, alpha=0.8)
+        return
+    if count <= 10:
+        points = ax.scatter(xy[:, 0], xy[:, 1], c=y, cmap="tab10", vmin=-0.5, vmax=9.5, s=5, alpha=0.8)
+        bar = fig.colorbar(points, ax=ax, ticks=range(count), label="label", shrink=0.85)
+        bar.ax.set_yticklabels([_label(classes, k) for k in range(count)], fontsize=7)
+        bar.ax.set_ylim(-0.5, count - 0.5)
+        return
+    points = ax.scatter(xy[:, 0], xy[:, 1], c=y, cmap="viridis", s=5, alpha=0.8)
+    fig.colorbar(points, ax=ax, label=f"label (0..{count - 1})", shrink=0.85)
 
 
 def _quantile_box(q: np.ndarray) -> Any:

@@ -7,9 +7,10 @@ Backends (names as in the JSON): ``eager`` (the checkpoint's PyTorch module, inf
 ``torchscript``, ``pt2`` (torch.export), ``onnx-cpu`` (``VAERuntime`` on the CPU), ``onnx-cpu-bare``
 (``InferenceSession.run`` on the very session ``VAERuntime`` uses at that batch size: the cost of
 the wrapper, validation included), ``onnx-cpu-default`` (a bare session with onnxruntime's default
-options: what tuning bought), ``onnx-cpu-int8`` (``quantize_dynamic`` QInt8 of the ONNX graph,
-written to a temporary file for this run, run through ``VAERuntime.from_files`` like ``onnx-cpu``,
-with its error against fp32 reported), and on a CUDA machine ``eager-cuda``, ``onnx-cuda`` (IOBinding with
+options: what tuning bought), ``onnx-cpu-int8`` (the export's ``decoder.int8.onnx``, or the fp32
+graph quantized the same way into a temporary file for this run; run through ``VAERuntime`` like
+``onnx-cpu``, compared with the int8 ceiling, its error against fp32 reported), and on a CUDA
+machine ``eager-cuda``, ``onnx-cuda`` (IOBinding with
 device-resident input and output), ``onnx-cuda-graph`` (the same with a captured CUDA graph) and
 ``onnx-cuda-fp16`` (the export's half-precision decoder). CPU rows take numpy in and give numpy
 out; CUDA rows keep input and output on the device and synchronise after every call. A backend
@@ -22,8 +23,11 @@ pools that still spin from the previous backend would steal its cores). The roun
 every backend's median latency moved less than ``settle`` (2%) over its last round after at least
 ``min_rounds`` rounds, or spent its time budget. Throughput is batch size / median latency. The
 same run measures the machine's limits (the best large fp32 matmul in torch and numpy on the CPU,
-measured at the start and at the end, the better one kept; on a GPU dense matmul TFLOP/s per
-precision and device-copy bandwidth), and ``fraction_of_peak`` = achieved FLOP/s / that peak, with
+measured at the start and at the end, the better one kept; beside it the best-precision ceilings:
+onnxruntime's int8 matmul, and torch's bf16 matmul where the CPU has bf16 hardware; on a GPU dense
+matmul TFLOP/s per precision and device-copy bandwidth), and ``fraction_of_peak`` = achieved
+FLOP/s / the peak of the backend's precision (int8 rows: the int8 ceiling) and
+``fraction_of_best`` = the same against the machine's best ceiling of any precision, with
 the FLOPs per sample counted from the model config (2 x the multiply-accumulates of every Linear,
 Conv2d and ConvTranspose2d; biases and activations are not counted), as in nanoGPT's MFU. The CPU
 time other processes took during the run is recorded (``machine.other_load``, in cores).
@@ -41,7 +45,6 @@ from __future__ import annotations
 from vae_deploy.bench.backends import BACKENDS, CPU_BACKENDS, CUDA_BACKENDS, parse_backends
 from vae_deploy.bench.budget import DEFAULT_BATCH_SIZES, QUICK_BATCH_SIZES, QUICK_BUDGET, Budget
 from vae_deploy.bench.flops import GRAPHS, flops_per_sample
-from vae_deploy.bench.int8 import quantize_int8
 from vae_deploy.bench.machine import (
     cpu_counters,
     cpu_matmul_gflops,
@@ -82,7 +85,6 @@ __all__ = [
     "other_load",
     "parse_backends",
     "plot_throughput",
-    "quantize_int8",
     "require_matplotlib",
     "run_bench",
     "threads_summary",

@@ -21,6 +21,7 @@ class Budget:
     settle: float = 0.02  # settled: the median moved less than this (relative) over the last round
     matmul_n: int = 4096  # CPU peak: best of `matmul_repeats` n x n x n fp32 matmuls
     matmul_repeats: int = 3
+    ceiling_n: int = 2048  # the int8/bf16 ceilings: n x n x n matmuls
     gpu_matmul_n: int = 8192
     copy_mib: int = 256  # memory-bandwidth copy size
 
@@ -36,6 +37,7 @@ QUICK_BUDGET = Budget(
     max_s=0.15,
     matmul_n=2048,
     matmul_repeats=2,
+    ceiling_n=512,
     gpu_matmul_n=4096,
     copy_mib=64,
 )

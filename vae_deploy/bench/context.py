@@ -25,12 +25,14 @@ class Unavailable(Exception):
 @dataclass
 class Backend:
     """A way to run one graph: ``prepare(x)`` returns a zero-argument step that runs one batch;
-    ``threads(batch_size)`` says how (for reports); ``peak`` names the limit it is compared with."""
+    ``threads(batch_size)`` says how (for reports); ``peak`` names the limit it is compared with;
+    ``note`` says what exactly runs (reported)."""
 
     name: str
     prepare: Callable[[np.ndarray], Callable[[], Any]]
     threads: Callable[[int], dict[str, Any]]
     peak: str = "cpu_fp32"
+    note: str = ""  # for the report: what exactly runs (which file, which CPU plan)
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,10 @@ class Checkpoint:
 
 def find_checkpoint(export_dir: Path, manifest: Manifest, override: str | os.PathLike | None) -> Checkpoint:
     """``override`` (``--checkpoint``) if given, else the export's source checkpoint found as verify
-    finds it; a missing or changed source only makes the eager backends unavailable."""
+    finds it; a missing or changed source only makes the eager backends unavailable. For a
+    diffusers or factory export: the override (a folder or weights file), else its recorded source."""
+    if manifest.model.source.get("kind", "checkpoint") != "checkpoint":
+        return Checkpoint(Path(override) if override is not None else None)
     if override is not None:
         path = Path(override)
         if not path.is_file():
@@ -69,6 +74,7 @@ class Context:
     graph: str
     checkpoint: Checkpoint
     tmp: Path  # removed when the run ends
+    image_size: tuple[int, int] | None = None  # where the export takes any height and width
     _loaded: dict[str, Any] = field(default_factory=dict, init=False, repr=False)  # "model", "runtime"
 
     def entry(self, fmt: str) -> FileEntry:
@@ -93,7 +99,19 @@ class Context:
         return read_verified(self.export_dir, entry), f"{entry.file} in {self.export_dir}"
 
     def module(self) -> Any:
-        """The checkpoint's encoder or decoder (eval mode), loaded once (imports torch)."""
+        """The eager encoder or decoder (eval mode), loaded once (imports torch): the checkpoint's,
+        or for a diffusers or factory export its source rebuilt (hash-checked) as verify does."""
+        if "model" not in self._loaded and self.manifest.model.source.get("kind", "checkpoint") != "checkpoint":
+            from vae_deploy.references import eager_graphs
+
+            try:
+                self._loaded["model"] = eager_graphs(self.export_dir, self.manifest, self.checkpoint.path)
+            except ExportError as exc:
+                raise Unavailable(str(exc)) from None
+            except ModuleNotFoundError as exc:
+                raise Unavailable(f"the eager model needs {exc.name}, which is not installed") from None
+        if isinstance(self._loaded.get("model"), dict):
+            return self._loaded["model"][self.graph]
         if "model" not in self._loaded:
             if self.checkpoint.path is None:
                 raise Unavailable(self.checkpoint.problem or "no checkpoint; pass --checkpoint for eager")
@@ -108,13 +126,19 @@ class Context:
             self._loaded["runtime"] = VAERuntime(self.export_dir, "cpu")
         return self._loaded["runtime"]
 
-    def inputs(self, batch: int) -> np.ndarray:
-        """The one seeded input every backend gets: z ~ N(0, I) for the decoder, pixels in [0, 1) else."""
+    def shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(latent, image) shapes of one sample: fixed ones, or at ``image_size``."""
         model = self.manifest.model
-        shape = model.latent_shape if self.graph == DECODER else model.image_shape
-        if not all(isinstance(d, int) for d in shape):
-            raise UsageError(f"bench needs fixed {self.graph} input sizes; this export has {list(shape)}")
+        if model.dynamic_size and self.image_size is None:
+            raise UsageError("this export takes any image size: give bench an image_size (height, width)")
+        return model.shapes_at(image_size=self.image_size if model.dynamic_size else None)
+
+    def inputs(self, batch: int) -> np.ndarray:
+        """The one seeded input every backend gets: z ~ N(0, I) for the decoder, else pixels
+        uniform in the model's value range."""
+        latent, image = self.shapes()
         rng = np.random.default_rng(batch)
         if self.graph == DECODER:
-            return rng.standard_normal((batch, *shape), dtype=np.float32)
-        return rng.random((batch, *shape), dtype=np.float32)
+            return rng.standard_normal((batch, *latent), dtype=np.float32)
+        lo, hi = self.manifest.model.value_range
+        return (lo + (hi - lo) * rng.random((batch, *image), dtype=np.float32)).astype(np.float32)

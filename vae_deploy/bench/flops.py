@@ -1,4 +1,5 @@
-"""FLOPs per sample of an encoder or decoder, counted from the model config (torch, on ``meta``)."""
+"""FLOPs per sample of an encoder or decoder, counted on the ``meta`` device (torch): from the model
+config for our models, from the eager module for any other VAE."""
 
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ def flops_per_sample(cfg: ModelConfig, graph: str = DECODER) -> int:
     not counted.
     """
     import torch
-    from torch import nn
 
     from vae_deploy.model import VAE
 
@@ -27,7 +27,21 @@ def flops_per_sample(cfg: ModelConfig, graph: str = DECODER) -> int:
         raise UsageError(f"graph must be one of {GRAPHS}, got {graph!r}")
     with torch.device("meta"):
         model = VAE(cfg)
-    module = getattr(model, graph)
+    shape = (cfg.latent_dim,) if graph == DECODER else tuple(cfg.image_shape)
+    return module_flops(getattr(model, graph), shape)
+
+
+def module_flops(module: Any, shape: tuple[int, ...]) -> int:
+    """FLOPs of one input of ``shape`` through any module, counted the same way: 2 x MACs of its
+    Linear/Conv2d/ConvTranspose2d layers on the ``meta`` device (a copy, if the module has weights;
+    attention's own matmuls, as in diffusers' VAEs, are not counted)."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    if any(p.device.type != "meta" for p in module.parameters()):
+        module = copy.deepcopy(module).to("meta")
     total = 0
 
     def count(mod: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
@@ -43,7 +57,6 @@ def flops_per_sample(cfg: ModelConfig, graph: str = DECODER) -> int:
 
     hooks = [m.register_forward_hook(count) for m in module.modules()]
     try:
-        shape = (cfg.latent_dim,) if graph == DECODER else tuple(cfg.image_shape)
         with torch.no_grad():
             module(torch.empty(1, *shape, device="meta"))
     finally:

@@ -1,74 +1,50 @@
-"""``onnx-cpu-int8``: the graph's ONNX file dynamically quantized to int8 into a temporary file and
-run through ``VAERuntime.from_files`` (no manifest is written or forged), and its error against fp32."""
+"""``onnx-cpu-int8``: what ``export --int8`` ships, run through ``VAERuntime`` like ``onnx-cpu``, and
+its error against fp32.
+
+The decoder is the export's ``decoder.int8.onnx`` when the export has one; otherwise the fp32 file
+is quantized the same way (static, vae_deploy.quantize) into this run's temporary folder (no
+manifest is written or forged), so the figures are those of the shippable file either way. The
+encoder (never shipped in int8) is quantized dynamically into the temporary folder and paired with
+the export's fp32 decoder (a runtime always has a decoder).
+"""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 
 from vae_deploy.bench.context import Backend, Context
 from vae_deploy.bench.onnx_backends import runtime_backend
-from vae_deploy.contract import DECODER, META_PRECISION
+from vae_deploy.contract import DECODER, file_name
+from vae_deploy.quantize import INT8_MIN_K, quantize_decoder, quantize_dynamic_int8
 from vae_deploy.runtime import VAERuntime
 
-INT8_MIN_K = 64  # matmuls with a shorter reduction stay fp32 (see quantize_int8)
 INT8_ERROR_ROWS = 1024  # rows compared against fp32 for the int8 error figures
+__all__ = ["INT8_MIN_K", "int8_error", "int8_runtime", "onnx_cpu_int8"]
 
 
-def quantize_int8(src: Path, dst: Path, min_k: int = INT8_MIN_K) -> list[str]:
-    """Dynamic int8 quantization (QInt8 weights, MatMulInteger: VNNI on AVX-512 CPUs) of one ONNX file;
-    returns the names of the matmuls kept in fp32.
-
-    Gemm/MatMul nodes whose reduction is shorter than ``min_k`` stay fp32: such a layer is a tiny
-    share of the FLOPs, so int8 buys it no speed, only error (measured on the 20-400-784 decoder:
-    same speed at batch 1 to 4096, mean pixel error 0.066/255 instead of 0.135/255). The exporter's
-    value_info is dropped first: the quantizer turns Gemm into MatMul with transposed weights, and
-    its shape inference would trip over the stale weight shapes.
-    """
-    import logging
-
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    model = onnx.load(str(src))
-    del model.graph.value_info[:]
-    for prop in model.metadata_props:
-        if prop.key == META_PRECISION:
-            prop.value = "int8"
-    shapes = {t.name: list(t.dims) for t in model.graph.initializer}
-    keep = []
-    for node in model.graph.node:
-        weight = shapes.get(node.input[1]) if node.op_type in ("Gemm", "MatMul") and len(node.input) > 1 else None
-        if weight is None or len(weight) != 2 or not node.name:
-            continue
-        trans_b = any(a.name == "transB" and a.i for a in node.attribute)
-        if (weight[1] if trans_b else weight[0]) < min_k:
-            keep.append(node.name)  # the quantizer turns Gemm X into MatMul "X_MatMul" + Add first
-    excluded = keep + [f"{name}_MatMul" for name in keep]
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # the quantizer logs a "consider pre-processing" warning
-    try:
-        quantize_dynamic(model, str(dst), weight_type=QuantType.QInt8, nodes_to_exclude=excluded)
-    finally:
-        root.setLevel(level)
-    return keep
-
-
-def int8_runtime(ctx: Context) -> VAERuntime:
-    """A CPU runtime whose ``ctx.graph`` is the int8 copy, written to ``ctx.tmp``; an int8 encoder
-    is paired with the export's fp32 decoder (a runtime always has a decoder)."""
-    dst = ctx.tmp / f"{ctx.graph}.int8.onnx"
-    quantize_int8(ctx.path("onnx"), dst)
+def int8_runtime(ctx: Context) -> tuple[VAERuntime, str]:
+    """A CPU runtime whose ``ctx.graph`` is int8, and where that int8 file came from."""
     model = ctx.manifest.model
     if ctx.graph == DECODER:
-        return VAERuntime.from_files(model, decoder=dst, provider="cpu")
-    return VAERuntime.from_files(model, decoder=ctx.path("onnx", DECODER), encoder=dst, provider="cpu")
+        if ctx.manifest.entry(DECODER, "onnx-int8") is not None:
+            return VAERuntime(
+                ctx.export_dir, "cpu", precision="int8"
+            ), f"the export's {file_name(DECODER, 'onnx-int8')}"
+        dst = ctx.tmp / file_name(DECODER, "onnx-int8")
+        quantize_decoder(ctx.path("onnx"), dst, model.decoder("int8"))
+        rt = VAERuntime.from_files(model, decoder=dst, provider="cpu", precision="int8")
+        return rt, "quantized for this run as `export --int8` does (static; the export has no int8 file)"
+    dst = ctx.tmp / f"{ctx.graph}.int8.onnx"
+    quantize_dynamic_int8(ctx.path("onnx"), dst)
+    rt = VAERuntime.from_files(model, decoder=ctx.path("onnx", DECODER), encoder=dst, provider="cpu")
+    return rt, f"quantize_dynamic QInt8 for this run (matmuls with K < {INT8_MIN_K} kept fp32)"
 
 
 def onnx_cpu_int8(ctx: Context) -> Backend:
-    return runtime_backend("onnx-cpu-int8", int8_runtime(ctx), ctx.graph)
+    rt, source = int8_runtime(ctx)
+    backend = runtime_backend("onnx-cpu-int8", rt, ctx.graph, source)
+    backend.peak = "cpu_int8"
+    return backend
 
 
 def int8_error(ctx: Context, int8: Backend, fp32: Backend, rows: int = INT8_ERROR_ROWS) -> dict[str, float]:
@@ -79,6 +55,7 @@ def int8_error(ctx: Context, int8: Backend, fp32: Backend, rows: int = INT8_ERRO
     b = b if isinstance(b, np.ndarray) else b[0]
     diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
     out = {"rows": rows, "mean_abs": float(diff.mean()), "max_abs": float(diff.max())}
-    if ctx.graph == DECODER:  # pixels in [0, 1]: also in 8-bit levels
-        out.update(mean_abs_255=out["mean_abs"] * 255, max_abs_255=out["max_abs"] * 255)
+    if ctx.graph == DECODER:  # pixels: also in 8-bit levels of the value range
+        lo, hi = ctx.manifest.model.value_range
+        out.update(mean_abs_255=out["mean_abs"] * 255 / (hi - lo), max_abs_255=out["max_abs"] * 255 / (hi - lo))
     return out

@@ -1,13 +1,14 @@
 """The machine a benchmark runs on: what it is, how busy others keep it, and its measured limits.
 
 Limits are the machine's own ceilings, measured now: the best large fp32 matmul on the CPU (torch
-and numpy, whichever is faster), copy bandwidth, and on a GPU dense matmul TFLOP/s per precision.
-torch is imported inside the functions that measure with it, never at import.
+and numpy, whichever is faster), the best-precision ceilings beside it (onnxruntime's int8 matmul,
+VNNI/AMX where the CPU has them; torch's bf16 matmul where it has bf16 hardware), copy bandwidth,
+and on a GPU dense matmul TFLOP/s per precision. torch and onnx are imported inside the functions
+that measure with them, never at import.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import platform
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from vae_deploy import __version__
+from vae_deploy import __version__, plans
 from vae_deploy.bench.budget import Budget
 from vae_deploy.engines import cpu_count
 
@@ -28,23 +29,41 @@ CpuCounters = tuple[float, float, float, float]
 # --- what the machine is ------------------------------------------------------------------------
 
 
+REPORTED_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+)
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # without these torch's bf16 matmul is emulated (measured 0.2 GFLOP/s)
+
+
 def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    return plans.cpu_model()
 
 
 def cpu_flags() -> list[str]:
     """The vector/matrix extensions that matter for these kernels, of those the CPU has."""
-    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return [f for f in wanted if f in have]
-    return []
+    return plans.cpu_flags(REPORTED_FLAGS)
+
+
+def isa_level(flags: list[str]) -> str:
+    """The best matrix/vector extension in a few letters ("amx", "avx512-vnni", "avx512", "avx2", ...)."""
+    for flag, name in (
+        ("amx_int8", "amx"),
+        ("avx512_vnni", "avx512-vnni"),
+        ("avx512f", "avx512"),
+        ("avx_vnni", "avx-vnni"),
+        ("avx2", "avx2"),
+    ):
+        if flag in flags:
+            return name
+    return platform.machine().lower()
 
 
 def load_avg() -> list[float] | None:
@@ -74,8 +93,10 @@ def machine_info() -> dict[str, Any]:
 
 
 def machine_slug(machine: dict[str, Any]) -> str:
-    """A file-name-safe name for a machine: its GPU, else its CPU model and core count."""
-    name = machine.get("gpu") or f"{machine.get('cpu', 'cpu')} {machine.get('cpus', '')}c"
+    """A file-name-safe name for a machine: its GPU, else its CPU model, its best vector extension
+    (a KVM guest may call a Zen 3 and a Zen 4 both "AMD EPYC") and its core count."""
+    isa = isa_level(machine.get("cpu_flags") or []) if "cpu_flags" in machine else ""
+    name = machine.get("gpu") or f"{machine.get('cpu', 'cpu')} {isa} {machine.get('cpus', '')}c"
     for junk in ("(R)", "(TM)", "CPU", "Processor", "NVIDIA"):
         name = name.replace(junk, " ")
     slug = "".join(c if c.isalnum() else "-" for c in name.lower())
@@ -139,6 +160,7 @@ def measure_limits(budget: Budget = Budget(), cuda: bool | None = None) -> dict[
         "cpu_copy_gbps": copy_gbps(budget.copy_mib * 2**20, "cpu", 1, 3),
         "torch_threads": torch.get_num_threads(),
     }
+    limits.update(precision_ceilings(budget))
     if cuda is None:
         cuda = torch.cuda.is_available()
     if cuda:
@@ -157,6 +179,48 @@ def cpu_matmul_gflops(n: int = 4096, repeats: int = 3) -> float:
     t_numpy = best_time(lambda: np.matmul(a, a, out=c), repeats)
     t_torch = matmul_seconds(n, torch.float32, "cpu", 1, repeats)
     return 2 * n**3 / min(t_numpy, t_torch) / 1e9
+
+
+def precision_ceilings(budget: Budget) -> dict[str, Any]:
+    """The CPU's lower-precision matmul rates beside fp32: onnxruntime's int8 MatMulInteger (the
+    MLAS kernel the int8 decoder's QGemm uses: VNNI or AMX where the CPU has them, AVX2 otherwise)
+    and torch's bf16 matmul where the CPU has bf16 hardware (AMX/AVX512-BF16); the best of all."""
+    n = budget.ceiling_n
+    out: dict[str, Any] = {"cpu_ceiling_n": n}
+    try:
+        out["cpu_int8_matmul_gops"] = cpu_int8_matmul_gops(n, budget.matmul_repeats)
+    except Exception as exc:  # noqa: BLE001 - a missing onnx or kernel only drops this ceiling
+        out["cpu_int8_matmul_note"] = f"not measured: {type(exc).__name__}: {str(exc)[:120]}"
+    if any(f in cpu_flags() for f in BF16_FLAGS):
+        import torch
+
+        out["cpu_bf16_matmul_gflops"] = (
+            2 * n**3 / matmul_seconds(n, torch.bfloat16, "cpu", 1, budget.matmul_repeats) / 1e9
+        )
+    else:
+        out["cpu_bf16_matmul_note"] = "not measured: no bf16 hardware (avx512_bf16/amx_bf16); torch emulates it"
+    return out
+
+
+def cpu_int8_matmul_gops(n: int = 2048, repeats: int = 3) -> float:
+    """Giga int8 ops/s (2 per multiply-add) of onnxruntime's n x n x n u8 x s8 -> int32 MatMulInteger."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from vae_deploy import sessions
+
+    rng = np.random.default_rng(0)
+    b = numpy_helper.from_array(rng.integers(-127, 128, (n, n), dtype=np.int8), "b")
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "b"], ["y"])],
+        "int8_matmul",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [n, n])],
+        [b],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    sess = sessions.cpu_session(model.SerializeToString(), "int8 matmul", sessions.cpu_options(0, True))
+    feed = {"a": rng.integers(0, 256, (n, n), dtype=np.uint8)}
+    return 2 * n**3 / best_time(lambda: sess.run(None, feed), repeats) / 1e9
 
 
 def matmul_seconds(n: int, dtype: Any, device: str, calls: int, repeats: int) -> float:
@@ -214,9 +278,18 @@ def gpu_limits(budget: Budget) -> dict[str, Any]:
 
 
 def peak_flops(limits: dict[str, Any], key: str) -> float | None:
-    """FLOP/s of the limit a backend is compared with: ``"cpu_fp32"`` or ``"gpu_<precision>"``."""
-    if key == "cpu_fp32":
-        v = limits.get("cpu_fp32_matmul_gflops")
+    """FLOP/s of the limit a backend is compared with: ``"cpu_fp32"``, ``"cpu_int8"``,
+    ``"cpu_best"`` (the best CPU precision measured) or ``"gpu_<precision>"``."""
+    cpu = {
+        "cpu_fp32": limits.get("cpu_fp32_matmul_gflops"),
+        "cpu_int8": limits.get("cpu_int8_matmul_gops"),
+        "cpu_bf16": limits.get("cpu_bf16_matmul_gflops"),
+    }
+    if key == "cpu_best":
+        best = max((v for v in cpu.values() if v), default=None)
+        return best * 1e9 if best else None
+    if key in cpu:
+        v = cpu[key]
         return v * 1e9 if v else None
     v = limits.get(f"gpu_{key.removeprefix('gpu_')}_matmul_tflops")
     return v * 1e12 if v else None

@@ -21,14 +21,17 @@ from vae_deploy.runtime import VAERuntime
 CUDA_DEVICE = 0
 
 
-def runtime_backend(name: str, rt: VAERuntime, graph: str) -> Backend:
-    """``rt.decode(x)`` or ``rt.encode(x)``: the runtime as an app calls it, validation included."""
+def runtime_backend(name: str, rt: VAERuntime, graph: str, source: str = "") -> Backend:
+    """``rt.decode(x)`` or ``rt.encode(x)``: the runtime as an app calls it, validation included.
+    Its note names ``source`` (where the file came from) and the CPU plan and where that came from."""
     engine = rt.engine(graph)  # opens the encoder now, not inside the first timed call
 
     def prepare(x: np.ndarray) -> Callable[[], Any]:
         return (lambda: rt.decode(x)) if graph == DECODER else (lambda: rt.encode(x))
 
-    return Backend(name, prepare, engine.settings_for)
+    plan = getattr(engine, "plan", None)
+    note = f"CPU plan {rt.plan_source.get(graph, '?')}: {plan}" if plan is not None else ""
+    return Backend(name, prepare, engine.settings_for, note="; ".join(p for p in (source, note) if p))
 
 
 def onnx_cpu(ctx: Context) -> Backend:
@@ -82,14 +85,16 @@ def _cuda_backend(ctx: Context, name: str, fmt: str, cuda_graph: bool, peak: str
         sess = spare[0] if not cuda_graph else (spare.pop() if spare else new_session())
         meta_in, meta_out = sess.get_inputs()[0], sess.get_outputs()
         x_dev = ort.OrtValue.ortvalue_from_numpy(x.astype(sessions.numpy_dtype(meta_in.type)), "cuda", CUDA_DEVICE)
-        outs = [
-            sessions.device_array([x.shape[0], *o.shape[1:]], sessions.numpy_dtype(o.type), CUDA_DEVICE)
-            for o in meta_out
-        ]
         binding = sess.io_binding()
         binding.bind_ortvalue_input(meta_in.name, x_dev)
-        for o, value in zip(meta_out, outs):
-            binding.bind_ortvalue_output(o.name, value)
+        outs = []
+        for o in meta_out:
+            if all(isinstance(d, int) for d in o.shape[1:]):  # fixed rows: one preallocated buffer
+                value = sessions.device_array([x.shape[0], *o.shape[1:]], sessions.numpy_dtype(o.type), CUDA_DEVICE)
+                binding.bind_ortvalue_output(o.name, value)
+                outs.append(value)
+            else:  # symbolic height/width: onnxruntime allocates on the device
+                binding.bind_output(o.name, "cuda", CUDA_DEVICE)
 
         def step() -> Any:
             sess.run_with_iobinding(binding)

@@ -24,7 +24,7 @@ class Row:
     latency_ms: dict[str, float]  # p50, p90, p99, mean, min
     samples_per_s: float
     fraction_of_peak: float | None
-    gflop_per_s: float
+    gflop_per_s: float | None  # None where the FLOPs could not be counted
     peak: str  # which limit fraction_of_peak is taken against
     runs: int
     rounds: int
@@ -61,15 +61,22 @@ class BenchReport:
         }
 
 
+def _flops_text(flops: int | None) -> str:
+    return "?" if not flops else f"{flops:,}"
+
+
 def format_table(report: BenchReport) -> str:
     """The console table: one line per (batch size, backend), then settings, errors and skips."""
     lim = report.limits
     lines = [
         f"{report.settings['graph']} of {report.settings['export_dir']}: "
-        f"{report.settings['flops_per_sample']:,} FLOP/sample; machine: {report.machine['cpu']} "
+        f"{_flops_text(report.settings['flops_per_sample'])} FLOP/sample"
+        + (f" at {report.settings['image_size']}" if report.settings.get("image_size") else "")
+        + f"; machine: {report.machine['cpu']} "
         f"x{report.machine['cpus']}" + (f", {report.machine['gpu']}" if report.machine.get("gpu") else ""),
         f"limits: cpu fp32 matmul {lim['cpu_fp32_matmul_gflops']:.1f} GFLOP/s, "
-        f"copy {lim['cpu_copy_gbps']:.1f} GB/s"
+        + "".join(f"{label} {lim[key]:.1f} G{unit}/s, " for key, label, unit in CPU_CEILINGS[1:] if lim.get(key))
+        + f"copy {lim['cpu_copy_gbps']:.1f} GB/s"
         + "".join(
             f", gpu {k} {lim[f'gpu_{k}_matmul_tflops']:.1f} TFLOP/s"
             for k in ("fp32", "tf32", "fp16", "bf16")
@@ -92,6 +99,12 @@ def format_table(report: BenchReport) -> str:
     lines.append("threads:")
     for name, text in threads_summary([r.to_dict() for r in report.results]).items():
         lines.append(f"  {name}: {text}")
+    for name, note in report.settings.get("notes", {}).items():
+        lines.append(f"{name}: {note}")
+    for key, label, _ in CPU_CEILINGS[1:]:
+        why = lim.get(key.replace("_gflops", "_note").replace("_gops", "_note"))
+        if why:
+            lines.append(f"{label} ceiling {why}")
     for name, err in report.errors.items():
         if "mean_abs_255" in err:
             lines.append(
@@ -111,6 +124,13 @@ def format_table(report: BenchReport) -> str:
         f"{other.get('steal_cores', '?')}); took {report.settings['seconds']} s"
     )
     return "\n".join(lines)
+
+
+CPU_CEILINGS = (  # (limits key, label, unit): the fp32 peak and the best-precision ceilings beside it
+    ("cpu_fp32_matmul_gflops", "cpu fp32 matmul", "FLOP"),
+    ("cpu_int8_matmul_gops", "int8 matmul (onnxruntime)", "OP"),
+    ("cpu_bf16_matmul_gflops", "bf16 matmul (torch)", "FLOP"),
+)
 
 
 def threads_summary(results: list[dict[str, Any]]) -> dict[str, str]:
@@ -170,14 +190,14 @@ def plot_throughput(report: BenchReport | dict[str, Any], path: str | os.PathLik
         ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=name)
     flops = data["settings"]["flops_per_sample"]
     lim = data["limits"]
-    ceilings = [("cpu fp32 matmul peak: compute ceiling", lim.get("cpu_fp32_matmul_gflops", 0) * 1e9)]
+    ceilings = [(f"{label} peak", (lim.get(key) or 0) * 1e9) for key, label, _ in CPU_CEILINGS]
     ceilings += [
         (f"gpu {k} peak", lim[f"gpu_{k}_matmul_tflops"] * 1e12)
         for k in ("fp32", "fp16")
         if f"gpu_{k}_matmul_tflops" in lim
     ]
     for label, peak in ceilings:
-        if peak:
+        if peak and flops:
             ax.axhline(peak / flops, color="grey", linestyle=":", linewidth=1)
             ax.annotate(
                 label,

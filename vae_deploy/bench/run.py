@@ -17,8 +17,8 @@ import numpy as np
 from vae_deploy.bench.backends import REFERENCES, make_backend, parse_backends
 from vae_deploy.bench.budget import DEFAULT_BATCH_SIZES, QUICK_BATCH_SIZES, QUICK_BUDGET, Budget
 from vae_deploy.bench.context import Backend, Context, Unavailable, find_checkpoint
-from vae_deploy.bench.flops import GRAPHS, flops_per_sample
-from vae_deploy.bench.int8 import INT8_MIN_K, int8_error
+from vae_deploy.bench.flops import GRAPHS, flops_per_sample, module_flops
+from vae_deploy.bench.int8 import int8_error
 from vae_deploy.bench.machine import (
     cpu_counters,
     cpu_matmul_gflops,
@@ -35,6 +35,7 @@ from vae_deploy.contract import MANIFEST
 from vae_deploy.errors import ConfigError, UsageError, VaeDeployError
 from vae_deploy.manifest import check_manifest
 
+DYNAMIC_BATCH_SIZES, DYNAMIC_QUICK = (1, 4), (1,)  # exports that take any image size: images are large
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "KMP_BLOCKTIME")
 INT8 = "onnx-cpu-int8"
 
@@ -46,6 +47,7 @@ def run_bench(
     batch_sizes: Sequence[int] | None = None,
     graph: str = "decoder",
     checkpoint: str | os.PathLike | None = None,
+    image_size: tuple[int, int] | None = None,
     quick: bool = False,
     budget: Budget | None = None,
     progress: bool = False,
@@ -54,27 +56,31 @@ def run_bench(
     """Benchmark ``graph`` of an export folder on each backend at each batch size (see the package doc).
 
     ``quick`` uses batch sizes 1 and 64 (unless given) and a small time budget: for smoke runs.
-    ``checkpoint`` is the eager model (default: the export's source checkpoint, as verify finds it).
+    ``checkpoint`` is the eager model (default: the export's source checkpoint, as verify finds it;
+    for a diffusers or factory export its recorded source, or a folder / weights file).
+    ``image_size`` (H, W) is the size to time an export that takes any size at (default: the size
+    it was traced at); such exports default to batch sizes 1 and 4 (1 with ``quick``).
     """
     if graph not in GRAPHS:
         raise UsageError(f"--graph must be one of {', '.join(GRAPHS)}, got {graph!r}")
     names = parse_backends(backends)
-    sizes = check_batch_sizes(batch_sizes or (QUICK_BATCH_SIZES if quick else DEFAULT_BATCH_SIZES))
-    budget = budget or (QUICK_BUDGET if quick else Budget())
     export_dir = Path(export_dir)
     manifest = check_manifest(export_dir)  # every listed file against its sha256 before any loads
+    dynamic = manifest.model.dynamic_size
+    default_sizes = (QUICK_BATCH_SIZES, DEFAULT_BATCH_SIZES) if not dynamic else (DYNAMIC_QUICK, DYNAMIC_BATCH_SIZES)
+    sizes = check_batch_sizes(batch_sizes or default_sizes[0 if quick else 1])
+    budget = budget or (QUICK_BUDGET if quick else Budget())
     graphs = list(dict.fromkeys(e.graph for e in manifest.files))
     if graph not in graphs:
         raise UsageError(f"{export_dir} has no {graph} graph (it has {', '.join(graphs)})")
-    model_config = manifest.raw.get("model_config")
-    try:
-        if not isinstance(model_config, dict):
-            raise ConfigError("it is missing")
-        cfg = model_config_from_dict(model_config)
-    except ConfigError as exc:
-        raise UsageError(f"{export_dir}/{MANIFEST} has no valid model_config: {exc}") from None
-    flops = flops_per_sample(cfg, graph)
+    if dynamic and image_size is None:
+        info = manifest.raw.get("export")
+        traced = info.get("traced_at") if isinstance(info, dict) else None
+        image_size = tuple(traced[-2:]) if isinstance(traced, list) and len(traced) == 4 else None
     ckpt = find_checkpoint(export_dir, manifest, checkpoint)
+    ctx = Context(export_dir, manifest, graph, ckpt, Path("."), image_size if dynamic else None)  # tmp: set below
+    model_config = manifest.raw.get("model_config")
+    flops = _flops(export_dir, manifest, model_config, ctx)
 
     started = time.perf_counter()
     counters = cpu_counters()
@@ -83,7 +89,7 @@ def run_bench(
     limits = measure_limits(budget)
     peaks = [limits["cpu_fp32_matmul_gflops"]]
     with tempfile.TemporaryDirectory(prefix="vae-deploy-bench-") as tmp:
-        ctx = Context(export_dir, manifest, graph, ckpt, Path(tmp))
+        ctx.tmp = Path(tmp)
         ready, skipped = build_backends(names, ctx)
         errors: dict[str, dict[str, float]] = {}
         if INT8 in ready:
@@ -109,6 +115,7 @@ def run_bench(
         "checkpoint": str(ckpt.path) if ckpt.path else None,
         "checkpoint_note": ckpt.note,
         "model_config": model_config,
+        "image_size": list(ctx.image_size) if ctx.image_size else None,
         "flops_per_sample": flops,
         "batch_sizes": list(sizes),
         "backends": list(names),
@@ -116,12 +123,29 @@ def run_bench(
         "quick": quick,
         "seconds": round(time.perf_counter() - started, 1),
         "method": "round-robin per batch size; per-call perf_counter; median/p90/p99 over all timed calls",
-        "int8": f"quantize_dynamic QInt8 of the fp32 ONNX graph (matmuls with K < {INT8_MIN_K} kept "
-        "fp32) in a temporary folder, run via VAERuntime",
+        "notes": {name: b.note for name, b in ready.items() if b.note},
         "cuda": "device-resident input/output (IOBinding for onnxruntime), synchronised after each call",
         "env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
     }
     return BenchReport(machine, limits, settings, results, skipped, errors)
+
+
+def _flops(export_dir: Path, manifest: Any, model_config: Any, ctx: Context) -> int | None:
+    """FLOPs per sample: from our model's config, else from the eager module at the bench's size
+    (None where the eager model cannot be rebuilt here: the rates then go unreported)."""
+    if manifest.model.source.get("kind", "checkpoint") == "checkpoint":
+        try:
+            if not isinstance(model_config, dict):
+                raise ConfigError("it is missing")
+            cfg = model_config_from_dict(model_config)
+        except ConfigError as exc:
+            raise UsageError(f"{export_dir}/{MANIFEST} has no valid model_config: {exc}") from None
+        return flops_per_sample(cfg, ctx.graph)
+    latent, image = ctx.shapes()
+    try:
+        return module_flops(ctx.module(), latent if ctx.graph == "decoder" else image)
+    except (Unavailable, VaeDeployError):
+        return None
 
 
 def check_batch_sizes(batch_sizes: Sequence[int]) -> tuple[int, ...]:
@@ -190,7 +214,7 @@ def bench_batch(
                 latency_ms=latency_ms(point.times),
                 samples_per_s=batch / p50,
                 fraction_of_peak=None,  # set once the limits are final (see set_fractions)
-                gflop_per_s=flops * batch / p50 / 1e9,
+                gflop_per_s=flops * batch / p50 / 1e9 if flops else None,
                 peak=backend.peak,
                 runs=len(point.times),
                 rounds=len(point.medians),
@@ -203,10 +227,14 @@ def bench_batch(
 
 
 def set_fractions(rows: list[Row], limits: dict[str, Any], peaks: dict[str, str]) -> None:
-    """fraction_of_peak = achieved FLOP/s / the measured peak the backend is compared with."""
+    """fraction_of_peak = achieved FLOP/s / the measured peak the backend is compared with (its
+    precision's); CPU rows also get fraction_of_best, against the best CPU ceiling of any precision."""
+    best = peak_flops(limits, "cpu_best")
     for r in rows:
         peak = peak_flops(limits, peaks[r.backend])
-        r.fraction_of_peak = r.gflop_per_s * 1e9 / peak if peak else None
+        r.fraction_of_peak = r.gflop_per_s * 1e9 / peak if peak and r.gflop_per_s is not None else None
+        if best and peaks[r.backend].startswith("cpu") and r.gflop_per_s is not None:
+            r.extra["fraction_of_best"] = r.gflop_per_s * 1e9 / best
 
 
 @contextlib.contextmanager
