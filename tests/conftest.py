@@ -12,12 +12,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--data-root", default=None, help="torchvision-style data root with MNIST/raw")
 
 
+# Relative data roots are resolved once, here: a test that changes the working folder must not
+# make later tests (or the subprocesses they start) lose the data.
+if os.environ.get("VAE_DEPLOY_DATA"):
+    os.environ["VAE_DEPLOY_DATA"] = str(Path(os.environ["VAE_DEPLOY_DATA"]).resolve())
+
+
 def _data_root(config: pytest.Config) -> Path | None:
     root = config.getoption("--data-root") or os.environ.get("VAE_DEPLOY_DATA")
     if not root:
         return None
-    raw = Path(root) / "MNIST" / "raw"
-    return Path(root) if raw.is_dir() else None
+    root = Path(root).resolve()
+    return root if (root / "MNIST" / "raw").is_dir() else None
 
 
 @pytest.fixture(scope="session", autouse=True)

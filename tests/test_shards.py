@@ -273,8 +273,10 @@ def test_cli_writes_shards_and_keeps_out_file(mlp_onnx_export: Path, rt: VAERunt
         (["--out-dir", "d", "--shard-rows", "0"], "shard_rows must be a positive integer"),
     ],
 )
-def test_cli_option_errors_are_one_line(mlp_onnx_export: Path, tmp_path: Path, capsys, extra, message) -> None:
-    os.chdir(tmp_path)
+def test_cli_option_errors_are_one_line(
+    mlp_onnx_export: Path, tmp_path: Path, capsys, monkeypatch, extra, message
+) -> None:
+    monkeypatch.chdir(tmp_path)  # restored after the test
     code = main(["sample", str(mlp_onnx_export), "-n", "10", "--provider", "cpu", *extra])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err

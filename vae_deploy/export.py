@@ -220,7 +220,8 @@ def write_export(
             }  # fmt: skip
         atomic_write_text(staging / MANIFEST, json.dumps(manifest, indent=2) + "\n")  # last
         _install(staging, target, ours)
-    finally:
+    finally:  # the manifest first: a half-removed folder must never look like an export
+        (staging / MANIFEST).unlink(missing_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
     took = sum(v for k, v in seconds.items() if k != "verify")
     checked = f", verified in {seconds['verify']:.1f} s" if "verify" in seconds else ", not verified"
