@@ -24,6 +24,7 @@ from vae_deploy.checkpoint import read_checkpoint
 from vae_deploy.cli import main
 from vae_deploy.config import make_configs
 from vae_deploy.distributed import (
+    Group,
     Ranks,
     batches_per_epoch,
     rank_batches,
@@ -112,6 +113,15 @@ def test_each_rank_gets_its_own_gpu_or_a_clear_error() -> None:
     else:
         with pytest.raises(UsageError, match="2 processes per node need one GPU each"):
             rank_device(torch.device("cuda"), ranks)
+
+
+def test_ddp_batches_get_the_parameters_layout() -> None:
+    """A one-channel batch stored channels-last would give conv weight gradients other strides than
+    DDP's buckets (a warning and a copy every step): the batch is laid out as NCHW first."""
+    x = torch.zeros(10, 8, 8, 1, dtype=torch.uint8).permute(0, 3, 1, 2)
+    assert x.stride() == (64, 1, 8, 1)
+    assert Group(Ranks(0, 2), torch.device("cpu")).batch(x).stride() == (64, 64, 8, 1)
+    assert Group(Ranks(), torch.device("cpu")).batch(x) is x  # one process: untouched
 
 
 def test_only_the_reporting_rank_prints_a_shared_error() -> None:
