@@ -1,8 +1,9 @@
 """Training on several processes: real torchrun, real gloo processes on CPU, real MNIST.
 
-The 2-process run is compared with the 1-process run at the same global batch and epochs; the
-same run is then interrupted (Ctrl-C), resumed, has a rank killed with SIGKILL, resumed again, and
-must end with the weights of the uninterrupted 2-process run, bit for bit.
+A 2-process run (``train --nproc 2``) has its rank 1 killed with SIGKILL after a checkpoint and is
+resumed with the plain torchrun form; it is compared with the 1-process run at the same global
+batch and epochs. The slow test stops another run with Ctrl-C, resumes it, and checks that both
+interrupted runs end with the weights and metrics of an uninterrupted one, bit for bit.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -22,6 +24,7 @@ from vae_deploy.checkpoint import read_checkpoint
 from vae_deploy.cli import main
 from vae_deploy.config import make_configs
 from vae_deploy.distributed import (
+    Group,
     Ranks,
     batches_per_epoch,
     rank_batches,
@@ -112,6 +115,15 @@ def test_each_rank_gets_its_own_gpu_or_a_clear_error() -> None:
             rank_device(torch.device("cuda"), ranks)
 
 
+def test_ddp_batches_get_the_parameters_layout() -> None:
+    """A one-channel batch stored channels-last would give conv weight gradients other strides than
+    DDP's buckets (a warning and a copy every step): the batch is laid out as NCHW first."""
+    x = torch.zeros(10, 8, 8, 1, dtype=torch.uint8).permute(0, 3, 1, 2)
+    assert x.stride() == (64, 1, 8, 1)
+    assert Group(Ranks(0, 2), torch.device("cpu")).batch(x).stride() == (64, 64, 8, 1)
+    assert Group(Ranks(), torch.device("cpu")).batch(x) is x  # one process: untouched
+
+
 def test_only_the_reporting_rank_prints_a_shared_error() -> None:
     exc = shared(UsageError("x"))
     assert not reported_elsewhere(exc, Ranks(0, 2)) and reported_elsewhere(exc, Ranks(1, 2))
@@ -152,47 +164,6 @@ def test_bad_nproc_requests_are_one_line_before_any_process_starts(
 
 
 # --- real processes ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def runs(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The same run on 1 process (in this process, 1 thread) and on 2 (plain torchrun, gloo)."""
-    one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each torchrun rank: the comparison is of results, not speed
-    try:
-        assert main(_args(one, data_root)) == 0
-    finally:
-        torch.set_num_threads(threads)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    cmd += ["-m", "vae_deploy", *_args(two, data_root)]  # the documented cluster form
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("epoch 1/") == 1  # rank 0 logs, rank 1 is silent
-    return {"one": one, "two": two}
-
-
-def test_two_processes_learn_like_one(runs: dict[str, Path]) -> None:
-    one, two = _rows(runs["one"]), _rows(runs["two"])
-    assert [r["epoch"] for r in two] == list(range(1, EPOCHS + 1)) and [r["processes"] for r in two] == [2] * EPOCHS
-    assert two[0]["step"] == one[0]["step"]  # the global batch: as many steps per epoch
-    for rows in (one, two):
-        assert rows[0]["val_nelbo"] > rows[-1]["val_nelbo"]
-    assert two[-1]["val_nelbo"] == pytest.approx(one[-1]["val_nelbo"], rel=0.03)
-    state = read_checkpoint(runs["two"] / "checkpoint.pt")
-    extra = state["extra"]
-    assert extra["world_size"] == 2 and len(extra["eps_gen_states"]) == 2
-    assert not torch.equal(*extra["eps_gen_states"])  # each rank draws its own noise
-
-
-def test_distributed_validation_is_the_one_process_value(runs: dict[str, Path], mnist_splits) -> None:
-    """Validation sums reduced over ranks equal a one-process evaluation of the same weights."""
-    from vae_deploy.checkpoint import load_checkpoint
-
-    _, tc = make_configs(MODEL, {"dataset": "mnist", "out": "unused", "seed": 0})
-    model = load_checkpoint(runs["two"] / "checkpoint.pt")
-    val = evaluate_split(model, mnist_splits.val_x, tc, torch.device("cpu"), VAL_BATCH, seed=tc.seed)
-    assert _rows(runs["two"])[-1]["val_nelbo"] == pytest.approx(val["nelbo"], rel=1e-6)
 
 
 def _launch(out: Path, data_root: Path, *extra: str) -> subprocess.Popen:
@@ -236,49 +207,111 @@ def _rank_pids(root: int, rank: int) -> list[int]:
     return found
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks through /proc (Linux)")
-def test_ctrl_c_and_a_killed_rank_keep_the_last_checkpoint_and_resume_exactly(
-    runs: dict[str, Path], data_root: Path, tmp_path: Path
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    """The documented plain form: torchrun --nproc-per-node 2 -m vae_deploy train ..."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "vae_deploy"]
+    return subprocess.run([*cmd, *args], env=_env(), capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def runs(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The same run on 1 process (here, with 1 thread) and on 2: ``train --nproc 2``, whose rank 1
+    is killed with SIGKILL after a checkpoint, then resumed with the plain torchrun form."""
+    if not Path("/proc/self/environ").exists():
+        pytest.skip("finds the ranks through /proc (Linux)")
+    one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun rank: the comparison is of results, not speed
+    try:
+        assert main(_args(one, data_root)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    proc = _launch(two, data_root)
+    _wait_for_step(two / "checkpoint.pt", proc, beyond=0)
+    victims = _rank_pids(proc.pid, 1)
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    killed = {
+        "victims": victims,
+        "rc": proc.returncode,
+        "err": err,
+        "step": read_checkpoint(two / "checkpoint.pt")["step"],
+    }
+    resumed = _torchrun(*_args(two, data_root, "--resume"))
+    return {"one": one, "two": two, "killed": killed, "resumed": resumed}
+
+
+def test_a_killed_rank_stops_the_job_in_one_line_and_resume_continues(
+    runs: dict[str, Any], data_root: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    killed, resumed, ckpt = runs["killed"], runs["resumed"], runs["two"] / "checkpoint.pt"
+    assert len(killed["victims"]) == 1
+    assert killed["rc"] == 128 + signal.SIGKILL, killed["err"]
+    lines = killed["err"].strip().splitlines()
+    assert len(lines) == 1 and "rank 1" in lines[0] and "SIGKILL" in lines[0] and "--resume --nproc 2" in lines[0]
+    assert 0 < killed["step"] < batches_per_epoch(TRAIN_LIMIT, BATCH, 2)  # saved before the kill, in epoch 1
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    step = killed["step"]
+    assert f"resuming from {ckpt}: epoch 1, batch {step}, step {step}" in resumed.stdout
+    assert resumed.stdout.count("epoch 2/") == 1  # rank 0 logs, rank 1 is silent
+    assert [r["epoch"] for r in _rows(runs["two"])] == list(range(1, EPOCHS + 1))
+    # another number of processes is refused in one line
+    assert main(_args(runs["two"], data_root, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "trained on 2 process(es), this run has 1; resume with --nproc 2" in err and len(err.splitlines()) == 1
+
+
+def test_two_processes_learn_like_one(runs: dict[str, Any]) -> None:
+    one, two = _rows(runs["one"]), _rows(runs["two"])
+    assert [r["processes"] for r in two] == [2] * EPOCHS and [r["processes"] for r in one] == [1] * EPOCHS
+    assert two[0]["step"] == one[0]["step"]  # the global batch: as many steps per epoch
+    for rows in (one, two):
+        assert rows[0]["val_nelbo"] > rows[-1]["val_nelbo"]
+    assert two[-1]["val_nelbo"] == pytest.approx(one[-1]["val_nelbo"], rel=0.03)
+    extra = read_checkpoint(runs["two"] / "checkpoint.pt")["extra"]
+    assert extra["world_size"] == 2 and len(extra["eps_gen_states"]) == 2
+    assert not torch.equal(*extra["eps_gen_states"])  # each rank draws its own noise
+
+
+def test_distributed_validation_is_the_one_process_value(runs: dict[str, Any], mnist_splits) -> None:
+    """Validation sums reduced over ranks equal a one-process evaluation of the same weights."""
+    from vae_deploy.checkpoint import load_checkpoint
+
+    _, tc = make_configs(MODEL, {"dataset": "mnist", "out": "unused", "seed": 0})
+    model = load_checkpoint(runs["two"] / "checkpoint.pt")
+    val = evaluate_split(model, mnist_splits.val_x, tc, torch.device("cpu"), VAL_BATCH, seed=tc.seed)
+    assert _rows(runs["two"])[-1]["val_nelbo"] == pytest.approx(val["nelbo"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_rank_and_resumed_runs_equal_an_uninterrupted_one(
+    runs: dict[str, Any], data_root: Path, tmp_path: Path
+) -> None:
+    reference = tmp_path / "reference"
+    full = _torchrun(*_args(reference, data_root))
+    assert full.returncode == 0, full.stderr[-3000:]
     out = tmp_path / "run"
     ckpt = out / "checkpoint.pt"
-    # Ctrl-C: every rank stops after the same step, rank 0 saves, one line, exit 130
     proc = _launch(out, data_root)
     _wait_for_step(ckpt, proc, beyond=0)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C sends the command
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert err.strip().splitlines() == [f"error: training interrupted; state saved to {ckpt} (continue with --resume)"]
     stopped = read_checkpoint(ckpt)["step"]
-    # resume, then SIGKILL rank 1 after a later checkpoint: torchrun stops rank 0, the checkpoint stays good
-    proc = _launch(out, data_root, "--resume")
-    saved = _wait_for_step(ckpt, proc, beyond=stopped)
-    victims = _rank_pids(proc.pid, 1)
-    assert len(victims) == 1
-    os.kill(victims[0], signal.SIGKILL)
-    out_text, err = proc.communicate(timeout=120)
-    assert f"resuming from {ckpt}: epoch 1, batch {stopped}, step {stopped}" in out_text
-    assert proc.returncode == 128 + signal.SIGKILL, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "rank 1" in lines[0] and "SIGKILL" in lines[0] and "--resume --nproc 2" in lines[0]
-    state = read_checkpoint(ckpt)
-    assert state["step"] >= saved
-    # a different number of processes is refused; the same one continues from the last checkpoint
-    one = subprocess.run(
-        [sys.executable, "-m", "vae_deploy.cli", *_args(out, data_root, "--resume")], env=_env(), capture_output=True
-    )
-    assert one.returncode == 2 and b"resume with --nproc 2" in one.stderr
     proc = _launch(out, data_root, "--resume")
     out_text, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
-    assert f"step {state['step']}" in out_text.splitlines()[1]
-    final, reference = read_checkpoint(ckpt)["state_dict"], read_checkpoint(runs["two"] / "checkpoint.pt")["state_dict"]
-    for k in reference:
-        assert torch.equal(final[k], reference[k]), k
+    assert f"epoch 1, batch {stopped}, step {stopped}" in out_text
+    want = read_checkpoint(reference / "checkpoint.pt")["state_dict"]
     timing = {"images_per_s", "seconds"}
-    strip = [{k: v for k, v in r.items() if k not in timing} for r in _rows(out)]
-    assert strip == [{k: v for k, v in r.items() if k not in timing} for r in _rows(runs["two"])]
+    for run in (out, runs["two"]):  # interrupted by Ctrl-C, and by a killed rank
+        got = read_checkpoint(run / "checkpoint.pt")["state_dict"]
+        for k in want:
+            assert torch.equal(got[k], want[k]), (run, k)
+        rows = [{k: v for k, v in r.items() if k not in timing} for r in _rows(run)]
+        assert rows == [{k: v for k, v in r.items() if k not in timing} for r in _rows(reference)]
 
 
 @pytest.mark.cuda

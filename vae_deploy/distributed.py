@@ -198,6 +198,14 @@ class Group:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
+    def batch(self, x: Tensor) -> Tensor:
+        """``x`` with the standard (NCHW) strides on several processes. DDP's gradient buckets follow
+        the parameters' layout; an image batch stored channels-last (or ambiguously, with one
+        channel) makes conv weight gradients arrive in another layout: a warning and a copy per step."""
+        if self.world_size == 1 or x.stride() == _standard_strides(x.shape):
+            return x
+        return x.clone(memory_format=torch.contiguous_format)
+
     def sum(self, values: Sequence[Tensor | float]) -> list[float]:
         """Each value summed over every rank (float64); with one process the values themselves."""
         if self.world_size == 1:
@@ -275,6 +283,14 @@ class Group:
                 f"rank {self.rank} lost contact with another process of this run (it stopped, failed or was "
                 f"killed: {first_line(exc, 120)}); the last good checkpoint is {checkpoint} (continue with --resume)"
             ) from None
+
+
+def _standard_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 @contextlib.contextmanager

@@ -360,7 +360,7 @@ def _fit(
                     p.seconds = seconds_before + time.perf_counter() - t0
                     checkpoint()
                     raise shared(TrainingInterrupted(ckpt_path))
-                xb = to_unit_float(train_x[order[b].to(device)])
+                xb = to_unit_float(group.batch(train_x[order[b].to(device)]))
                 out_ = net(xb, generator=eps_gen)
                 terms = elbo_loss(out_.logits, xb, out_.kl, cfg.loss, cfg.beta, cfg.alpha)
                 (loss_sum, recon_sum, kl_sum), seen = group.step_sums(
