@@ -202,7 +202,7 @@ def test_ray_finishes_an_interrupted_local_run(ray_local, mlp_onnx_export: Path,
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        write_shards(mlp_onnx_export, 6000, tmp_path / "run", progress=stop, **run)
+        write_shards(mlp_onnx_export, 6000, tmp_path / "run", progress=stop, batch_size=500, **run)
     result = write_shards_ray(mlp_onnx_export, 6000, tmp_path / "run", options=RayOptions(batch_size=700), **run)
     assert result.shards_kept == 2 and result.rows_written == 4000
     write_shards(mlp_onnx_export, 6000, tmp_path / "fresh", **run)

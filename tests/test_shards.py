@@ -152,7 +152,9 @@ def test_an_interrupted_run_resumes_and_keeps_verified_shards(mlp_onnx_export: P
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):  # no shard finished: the new folder is not left behind
-        write_shards(mlp_onnx_export, 5000, out, seed=6, shard_rows=1000, provider="cpu", progress=stop_at_once)
+        write_shards(
+            mlp_onnx_export, 5000, out, seed=6, shard_rows=1000, provider="cpu", batch_size=500, progress=stop_at_once
+        )
     assert not out.exists()
     seen = []
 
@@ -162,7 +164,8 @@ def test_an_interrupted_run_resumes_and_keeps_verified_shards(mlp_onnx_export: P
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        write_shards(mlp_onnx_export, 5000, out, seed=6, shard_rows=1000, provider="cpu", progress=stop_after_3000)
+        run = dict(seed=6, shard_rows=1000, provider="cpu", batch_size=500)
+        write_shards(mlp_onnx_export, 5000, out, progress=stop_after_3000, **run)
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
     with pytest.raises(DataError, match="unfinished run"):
         read_index(out)

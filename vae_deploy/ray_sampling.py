@@ -57,12 +57,11 @@ from vae_deploy.errors import (
 )
 from vae_deploy.files import sha256_bytes
 from vae_deploy.manifest import read_manifest, read_verified
+from vae_deploy.shard_index import default_batch_rows
 from vae_deploy.shards import ShardsResult, ShardWriter, check_out_dir, check_seed, shard_spec
 from vae_deploy.streams import sample_streams
 
 READ_TASK_CPUS = 1.0  # what Ray Data's read tasks ask for; actors always leave this much free
-RAY_BATCH_ROWS = 4096  # default rows per map_batches call (what the benchmark ran) ...
-RAY_BATCH_BYTES = 16 << 20  # ... unless the images of a batch would pass this (large images)
 PROVIDERS = ("auto", "cpu", "cuda")
 
 
@@ -73,8 +72,8 @@ class RayOptions:
     ``address``: None starts a local Ray (or uses the one this process already joined); otherwise
     ``ray.init(address=...)`` joins it ("auto", "host:port", "ray://host:10001").
     ``workers``: decoder actors. ``threads_per_worker``: onnxruntime intra-op threads per CPU actor.
-    ``batch_size``: rows per ``map_batches`` call (default: ``RAY_BATCH_ROWS``, fewer for large
-    images, so a batch stays within ``RAY_BATCH_BYTES``). ``num_blocks``: blocks of the row dataset.
+    ``batch_size``: rows per ``map_batches`` call (default: ``shard_index.default_batch_rows``,
+    4096 rows or 16 MiB of images). ``num_blocks``: blocks of the row dataset.
     ``num_cpus`` / ``object_store_memory``: for a local Ray started here.
     """
 
@@ -309,8 +308,7 @@ def write_shards_ray(
         wanted = ("cuda" if gpus >= 1 else "cpu") if provider == "auto" else provider
         plan = actor_plan(cpus, gpus, wanted, options)
         image_shape = tuple(spec.outputs[0].row_shape)
-        row_bytes = 4 * math.prod(image_shape)
-        batch = options.batch_size or max(1, min(RAY_BATCH_ROWS, RAY_BATCH_BYTES // row_bytes))
+        batch = options.batch_size or default_batch_rows(4 * math.prod(image_shape))
         sspec = shard_spec(manifest, export_dir, n, seed, shard_rows, image_shape, bernoulli, plan.provider)
         details = {
             "kind": "ray",

@@ -22,9 +22,18 @@ from vae_deploy.files import sha256_file
 INDEX = "index.json"
 INDEX_FORMAT = "vae-deploy-samples"
 INDEX_VERSION = 1
+BATCH_ROWS = 4096  # default rows per decode batch while writing shards ...
+BATCH_BYTES = 16 << 20  # ... unless the images of a batch would pass this (large images)
 SHARD_BYTES = 128 << 20  # default shard size: the largest power-of-two row count within this
 KEEP_NAMES = frozenset({"README.md", ".gitignore", ".gitkeep"})  # a folder holding only these is free
 _SHARD_NAME = re.compile(r"shard-\d{5,}\.npy")
+
+
+def default_batch_rows(row_bytes: int) -> int:
+    """Rows decoded per batch when writing shards, locally or per Ray call: ``BATCH_ROWS``, fewer
+    when a batch of images would pass ``BATCH_BYTES`` (measured: 4096 rows wrote MNIST-sized
+    shards ~1.3x faster per CPU-second than the runtime's 256; benchmarks/results/shards-*)."""
+    return max(1, min(BATCH_ROWS, BATCH_BYTES // max(1, row_bytes)))
 
 
 def default_shard_rows(row_bytes: int) -> int:

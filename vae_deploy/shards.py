@@ -42,6 +42,7 @@ from vae_deploy.shard_index import (
     ShardSpec,
     check_out_dir,
     check_seed,
+    default_batch_rows,
     read_index,
     shard_spec,
 )
@@ -105,8 +106,9 @@ def write_shards(
 ) -> ShardsResult:
     """Sample n images from an export into numbered ``.npy`` shards in ``out_dir`` on this machine.
 
-    Memory stays at one decode batch whatever n is. ``seed=None`` picks a fresh seed and records
-    it. ``shard_rows`` defaults to the largest power of two within ``SHARD_BYTES`` per shard.
+    Memory stays at one decode batch (``batch_size`` rows; default 4096, or 16 MiB of images)
+    whatever n is. ``seed=None`` picks a fresh seed and records it. ``shard_rows`` defaults to
+    the largest power of two within ``SHARD_BYTES`` per shard.
     ``runtime_options`` go to ``VAERuntime`` (e.g. ``cpu_plan``); they change speed, never bytes.
     ``progress(k)`` is called with rows as they are written (kept rows of a resumed run first).
     """
@@ -120,7 +122,8 @@ def write_shards(
     assert runtime.manifest is not None
     shape, provider, precision = runtime.image_shape, runtime.provider, runtime.precision
     spec = shard_spec(runtime.manifest, export_dir, n, seed, shard_rows, shape, bernoulli, provider, precision)
-    info = {"export_dir": str(Path(export_dir).resolve()), "writer": {"kind": "local", "batch_size": batch_size}}
+    batch = default_batch_rows(spec.row_bytes) if batch_size is None else inputs.count(batch_size, "batch_size")
+    info = {"export_dir": str(Path(export_dir).resolve()), "writer": {"kind": "local", "batch_size": batch}}
     setup = time.perf_counter() - began
     began = time.perf_counter()
     with ShardWriter.open(out_dir, spec, resume=resume, info=info) as writer:
@@ -128,7 +131,7 @@ def write_shards(
             progress(writer.rows_kept)
         for start, stop in writer.todo():
             row = start
-            for images in runtime.sample_iter(stop - start, seed, batch_size, bernoulli, start=start):
+            for images in runtime.sample_iter(stop - start, seed, batch, bernoulli, start=start):
                 writer.put(row, images)
                 row += len(images)
                 if progress is not None:
