@@ -9,9 +9,10 @@ turn, quiescing between candidates, paired round-by-round ratios; vae_deploy.ben
 1. Session settings per batch-size band. Each candidate (1 thread; onnxruntime's default thread
    count with and without spinning; on larger machines half the CPUs, and every CPU where that is
    not the default) runs the graph at batch sizes 1, 8, 64, 512 and 4096 (fewer where one call
-   would take too long or too much memory). The large-batch session is the winner at the largest
-   size, the small-batch session the winner at batch 1; where they differ, ``small_batch_max`` is
-   set between the last size at which the small one is still as fast and the next.
+   would take too long or too much memory). The large-batch session is the winner over the two
+   largest sizes, the small-batch one the winner over the two smallest (geometric means of their
+   speed-ups); where they differ, ``small_batch_max`` is set between the last size at which the
+   small one is still as fast and the next.
 2. Row chunking: with the large session, runs of 256 ... 2048 rows (or none) at the largest size.
 
 A candidate replaces the default only when it is faster by more than ``margin`` (3%), so noise on
@@ -173,19 +174,25 @@ def _pick(speedup: dict[Any, float], default: Any, margin: float) -> Any:
     return best if best != default and speedup[best] > 1 + margin else default
 
 
+def _band(speedup: dict[int, dict[Sessions, float]], sizes: list[int]) -> dict[Sessions, float]:
+    """Each candidate's geometric-mean speed-up over some batch sizes."""
+    return {c: math.exp(statistics.fmean(math.log(max(speedup[b][c], 1e-9)) for b in sizes)) for c in speedup[sizes[0]]}
+
+
 def choose_sessions(
     speedup: dict[int, dict[Sessions, float]], margin: float = MARGIN, default: Sessions = DEFAULT_SESSIONS
 ) -> CpuPlan:
     """The session part of a plan from each candidate's speed over ``default`` per batch size.
 
-    The large-batch session is the winner at the largest size measured, the small-batch one the
-    winner at the smallest; where they differ, the small one serves every size up to the last at
-    which it is at least as fast as the large one, and the boundary goes halfway (geometrically)
-    to the next size measured.
+    The large-batch session is the winner over the two largest sizes measured, the small-batch one
+    the winner over the two smallest (geometric means: one size disturbed by another process does
+    not decide alone); where they differ, the small one serves every size up to the last at which
+    it is at least as fast as the large one, and the boundary goes halfway (geometrically) to the
+    next size measured.
     """
     sizes = sorted(speedup)
-    large = _pick(speedup[sizes[-1]], default, margin)
-    small = _pick(speedup[sizes[0]], default, margin)
+    large = _pick(_band(speedup, sizes[-2:] if len(sizes) > 2 else sizes[-1:]), default, margin)
+    small = _pick(_band(speedup, sizes[:2] if len(sizes) > 3 else sizes[:1]), default, margin)
     plan = CpuPlan(threads=large.threads, spinning=large.spinning)
     if small == large:
         return plan
@@ -194,7 +201,7 @@ def choose_sessions(
         if speedup[b][small] < speedup[b][large]:
             break
         upto = b
-    if upto == 0:  # small won the smallest size only within noise of large: one session
+    if upto == 0:  # small won the smallest sizes only within noise of large: one session
         return plan
     nxt = next((b for b in sizes if b > upto), None)
     boundary = upto if nxt is None else int(math.sqrt(upto * nxt))
