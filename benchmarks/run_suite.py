@@ -305,6 +305,9 @@ def _tuning(tuning: dict[str, Any]) -> list[str]:
                 for b in sizes
             ]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        busy = t.get("other_cores_per_batch") or {}
+        if busy:
+            lines.append("| (other processes, cores) | " + " | ".join(f"{busy.get(b, '-')}" for b in sizes) + " |")
         ch = t.get("chunking")
         if ch:
             runs = ", ".join(f"{'one run' if r == '0' else r + ' rows'} {v / 1e3:.2f} ms" for r, v in ch["us"].items())

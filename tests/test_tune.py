@@ -199,6 +199,11 @@ def test_tune_plan_measures_row_chunking_at_large_batches(export_dir: Path) -> N
             {1: (1.0, 0.9, 1.4), 8: (1.0, 0.9, 1.1), 64: (1.0, 0.9, 0.8), 4096: (1.0, 0.9, 0.5)},
             CpuPlan(small_batch_max=22, small_threads=1, small_spinning=False),
         ),
+        # one disturbed probe (1 thread "wins" at 4096 only) does not decide the large-batch session
+        (
+            {1: (1, 0.67, 0.88), 8: (1, 0.78, 0.82), 64: (1, 0.96, 0.63), 512: (1, 0.97, 0.54), 4096: (1, 0.91, 1.26)},
+            CpuPlan(),
+        ),
     ],
 )
 def test_choose_sessions(speedups: dict, expected: CpuPlan) -> None:
