@@ -3,7 +3,7 @@
     python benchmarks/bench_images.py --data-root ../shared/data [--epochs 5] [--out benchmarks/results/images_mnist]
 
 1. Architecture: the residual conv VAE (``resconv``, channels 16,48,96, one residual block per
-   level, SiLU, latent 20: 619,417 parameters) against the 784-400-20 MLP (652,824 parameters,
+   level, SiLU, latent 20: 619,737 parameters) against the 784-400-20 MLP (652,824 parameters,
    the ``mlp400_beta`` recipe), same data, seed, optimiser (Adam lr 1e-3), batch 128 and epochs:
    validation -ELBO (Bernoulli, nats per image) after every epoch.
 2. Data path: the same MNIST images written as PNG files and trained through ``--dataset folder``

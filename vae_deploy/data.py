@@ -252,7 +252,7 @@ def _load_images(
     """A dataset of :mod:`vae_deploy.datasets`, split, limited and copied out of its (memory-mapped)
     store: only the rows kept are read."""
     root = Path(data_root).expanduser() if data_root else (None if dataset == "folder" else resolve_data_root(None))
-    if download and root is not None:
+    if download and root is not None and dataset in ("cifar10", "celeba"):  # a folder of images is never made
         root.mkdir(parents=True, exist_ok=True)
     shape = tuple(image_shape) if image_shape is not None else None
     d = load_image_data(dataset, root, shape, download)  # type: ignore[arg-type]

@@ -25,7 +25,8 @@ from vae_deploy.losses import gaussian_log_prob, gaussian_log_prob_std
 from vae_deploy.model import VAE
 from vae_deploy.resources import gib, require_memory
 
-SAMPLES_PER_CHUNK = 10_000  # decoder rows per forward pass (k * images), bounds memory
+SAMPLES_PER_CHUNK = 10_000  # decoder rows per forward pass (k * images) at most, bounds memory
+CHUNK_BYTES = 1 << 30  # and at most this much working memory (large images get fewer rows)
 MAX_VALIDATION = 10_000  # the largest validation split of the datasets here (MNIST's test set)
 
 
@@ -94,13 +95,22 @@ def decoder_row_values(model: VAE) -> int:
     return total[0]
 
 
-def peak_bytes(model: VAE, images: int, k: int) -> int:
-    """Peak memory of :func:`bounds` over ``images`` images: one chunk of k samples per image, each
-    row through the decoder (every layer's output) plus the target, the per-pixel loss and a
+def _row_bytes(model: VAE) -> int:
+    """Memory of one decoder row: every layer's output, the target, the per-pixel loss and a
     temporary, and the latents and densities (float32)."""
-    rows = min(images, max(1, SAMPLES_PER_CHUNK // k)) * k
-    pixels = math.prod(model.config.image_shape)
-    return 4 * rows * (decoder_row_values(model) + 3 * pixels + 6 * model.latent_dim)
+    return 4 * (decoder_row_values(model) + 3 * math.prod(model.config.image_shape) + 6 * model.latent_dim)
+
+
+def images_per_chunk(model: VAE, k: int) -> int:
+    """Images per forward pass of :func:`bounds`: k decoder rows each, at most SAMPLES_PER_CHUNK rows
+    and CHUNK_BYTES of working memory (at least one image)."""
+    rows = min(SAMPLES_PER_CHUNK, CHUNK_BYTES // _row_bytes(model))
+    return max(1, rows // k)
+
+
+def peak_bytes(model: VAE, images: int, k: int) -> int:
+    """Peak memory of :func:`bounds` over ``images`` images: one chunk of k samples per image."""
+    return min(images, images_per_chunk(model, k)) * k * _row_bytes(model)
 
 
 def require_bounds_memory(model: VAE, images: int, k: int, device: torch.device | str = "cpu") -> None:
@@ -129,7 +139,7 @@ def bounds(
     require_bounds_memory(model, len(x), k, device)
     model = model.to(device).eval()
     gen = torch.Generator(device=device).manual_seed(seed)
-    per_chunk = max(1, SAMPLES_PER_CHUNK // k)
+    per_chunk = images_per_chunk(model, k)
     elbos, iwaes = [], []
     for i in range(0, len(x), per_chunk):
         xb = x[i : i + per_chunk].to(device)
@@ -208,6 +218,7 @@ def write_json(result: EvalResult, path: str | os.PathLike) -> Path:
 __all__ = [
     "EvalResult",
     "log_weights",
+    "images_per_chunk",
     "peak_bytes",
     "require_bounds_memory",
     "bounds",

@@ -176,6 +176,30 @@ def grid_figure(
     return fig
 
 
+def label_text(classes: tuple[str, ...], value: Any, width: int = 10) -> str:
+    """A label's name (shortened to ``width``) where the dataset names them, else its number."""
+    i = int(value)
+    text = classes[i] if 0 <= i < len(classes) else str(i)
+    return text if len(text) <= width else text[: width - 1] + "~"
+
+
+def scatter_by_label(fig: Any, ax: Any, xy: np.ndarray, y: np.ndarray, classes: tuple[str, ...]) -> None:
+    """Points coloured by label: ten distinct colours (named ticks) for up to ten labels, a
+    continuous colour map above, one colour for unlabelled data."""
+    count = max(int(y.max(initial=0)) + 1, len(classes))
+    if count <= 1:
+        ax.scatter(xy[:, 0], xy[:, 1], color="C0", s=5, alpha=0.8)
+        return
+    if count <= 10:
+        points = ax.scatter(xy[:, 0], xy[:, 1], c=y, cmap="tab10", vmin=-0.5, vmax=9.5, s=5, alpha=0.8)
+        bar = fig.colorbar(points, ax=ax, ticks=range(count), label="label", shrink=0.85)
+        bar.ax.set_yticklabels([label_text(classes, k) for k in range(count)], fontsize=7)
+        bar.ax.set_ylim(-0.5, count - 0.5)
+        return
+    points = ax.scatter(xy[:, 0], xy[:, 1], c=y, cmap="viridis", s=5, alpha=0.8)
+    fig.colorbar(points, ax=ax, label=f"label (0..{count - 1})", shrink=0.85)
+
+
 __all__ = [
     "MAX_TILES",
     "tile_scale",
@@ -192,4 +216,6 @@ __all__ = [
     "palette_png",
     "draw_grid",
     "grid_figure",
+    "label_text",
+    "scatter_by_label",
 ]

@@ -33,10 +33,12 @@ from vae_deploy.figures import (
     figure_bytes,
     grid_figure,
     grid_figure_inches,
+    label_text,
     mosaic_bytes,
     new_figure,
     png_path,
     save,
+    scatter_by_label,
 )
 from vae_deploy.latents import (
     MAP_METHODS,
@@ -194,13 +196,6 @@ def _validation(
     return x, splits.val_y.numpy(), splits.classes
 
 
-def _label(classes: tuple[str, ...], value: Any, width: int = 10) -> str:
-    """A label's name (shortened to ``width``) where the dataset names them, else its number."""
-    i = int(value)
-    text = classes[i] if 0 <= i < len(classes) else str(i)
-    return text if len(text) <= width else text[: width - 1] + "~"
-
-
 def _count(name: str, value: Any, least: int = 1, why: str = "") -> int:
     """``value`` as an int if it is an integer >= ``least``, else a UsageError naming the option."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -262,7 +257,7 @@ def reconstruct(
         [x[idx], source.decode(mu)],
         ["original", "reconstruction"],
         f"{source.name}: reconstructions (validation, seed {seed})",
-        [_label(classes, v) for v in y[idx]] if len(np.unique(y)) > 1 else [f"#{i}" for i in idx],
+        [label_text(classes, v) for v in y[idx]] if len(np.unique(y)) > 1 else [f"#{i}" for i in idx],
     )
     return save(fig, out)
 
@@ -306,7 +301,9 @@ def interpolate(
         paths["slerp"] = slerp(mu[0], mu[1], steps)
     picture = [np.concatenate([x[i : i + 1], source.decode(z), x[j : j + 1]]) for z in paths.values()]
     cols = [f"#{i}"] + [f"{t:.2g}" for t in np.linspace(0, 1, steps)] + [f"#{j}"]
-    title = f"{source.name}: {_label(classes, y[i], 24)} -> {_label(classes, y[j], 24)} (validation #{i} -> #{j})"
+    title = (
+        f"{source.name}: {label_text(classes, y[i], 24)} -> {label_text(classes, y[j], 24)} (validation #{i} -> #{j})"
+    )
     return save(grid_figure(picture, list(paths), title, cols), out)
 
 
@@ -331,7 +328,7 @@ def vary(
     if len(classes) > CLASSES:  # a seeded choice of CLASSES classes, in label order
         keep = np.sort(rng.choice(len(classes), size=CLASSES, replace=False))
         classes, picks = [classes[k] for k in keep], [picks[k] for k in keep]
-    row_labels = [_label(names, c) for c in classes]
+    row_labels = [label_text(names, c) for c in classes]
     if len(classes) == 1:  # unlabelled: different images, one row each
         picks = rng.choice(len(x), size=min(CLASSES, len(x)), replace=False).tolist()
         row_labels = [f"#{k}" for k in picks]
@@ -402,7 +399,7 @@ def latent_map(
     fig = new_figure(*inches)
     panels = fig.add_gridspec(1, 2, width_ratios=[MAP_INCHES[0], inches[0] - MAP_INCHES[0]]) if two_d else None
     ax = fig.add_subplot(panels[0], box_aspect=1) if panels is not None else fig.add_subplot()
-    _scatter_by_label(fig, ax, xy, y, classes)
+    scatter_by_label(fig, ax, xy, y, classes)
     ax.set_xlabel(f"{how} 1" if how != "z" else "z1")
     ax.set_ylabel(f"{how} 2" if how != "z" else ("z2" if d == 2 else ""))
     ax.set_title(f"{source.name}: latent means of {len(x)} validation images (d={d}, {how})", fontsize=9)
@@ -419,23 +416,6 @@ def latent_map(
         ax2.set_title("decoded manifold", fontsize=9)
         ax.add_patch(_quantile_box(q))
     return save(fig, out)
-
-
-def _scatter_by_label(fig: Any, ax: Any, xy: np.ndarray, y: np.ndarray, classes: tuple[str, ...]) -> None:
-    """Points coloured by label: ten distinct colours (named ticks) for up to ten labels, a
-    continuous colour map above, one colour for unlabelled data."""
-    count = max(int(y.max(initial=0)) + 1, len(classes))
-    if count <= 1:
-        ax.scatter(xy[:, 0], xy[:, 1], color="C0", s=5, alpha=0.8)
-        return
-    if count <= 10:
-        points = ax.scatter(xy[:, 0], xy[:, 1], c=y, cmap="tab10", vmin=-0.5, vmax=9.5, s=5, alpha=0.8)
-        bar = fig.colorbar(points, ax=ax, ticks=range(count), label="label", shrink=0.85)
-        bar.ax.set_yticklabels([_label(classes, k) for k in range(count)], fontsize=7)
-        bar.ax.set_ylim(-0.5, count - 0.5)
-        return
-    points = ax.scatter(xy[:, 0], xy[:, 1], c=y, cmap="viridis", s=5, alpha=0.8)
-    fig.colorbar(points, ax=ax, label=f"label (0..{count - 1})", shrink=0.85)
 
 
 def _quantile_box(q: np.ndarray) -> Any:
