@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +85,17 @@ class CpuPlan:
         return cls(**data)
 
 
+@dataclass(frozen=True)
+class LeanCall:
+    """``run(names, {input: x}, options)[0]`` is the engine's first output for 1..``max_batch`` rows."""
+
+    run: Callable[..., list[np.ndarray]]
+    names: list[str]
+    input: str
+    options: Any
+    max_batch: int
+
+
 class CpuEngine:
     """One ONNX graph on the CPU: a session for small batches and one for large (one if they agree)."""
 
@@ -109,6 +121,14 @@ class CpuEngine:
         self._small_run, self._large_run = self.small.run, self.large.run
         self._first = self.outputs[:1]
         self._options = ort.RunOptions()
+
+    def lean_call(self) -> LeanCall:
+        """What a caller needs to run the first output of a batch of 1..``max_batch`` rows with no
+        Python frame of ours between it and onnxruntime (``VAERuntime.decode``'s common path):
+        the first band's bound ``session.run``, output names, input name and one ``RunOptions``."""
+        if self.small_max:
+            return LeanCall(self._small_run, self._first, self.input, self._options, self.small_max)
+        return LeanCall(self._large_run, self._first, self.input, self._options, min(self.chunk_over, 2**62))
 
     def session_for(self, batch_size: int) -> Any:
         """The onnxruntime session that serves a batch of this size."""
