@@ -11,15 +11,10 @@ export_modules.py onto the same pipeline. See docs/CONTRACT.md for the folder la
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import json
 import os
-import re
 import shutil
-import sys
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -44,7 +39,7 @@ from vae_deploy.contract import (
     manifest_dict,
 )
 from vae_deploy.errors import ExportError, OutputDirError, ParityError, UsageError
-from vae_deploy.files import atomic_write_text, pid_alive, sha256_file
+from vae_deploy.files import atomic_write_text, folder_sibling, sha256_file, swap_folder_in, sweep_folder_leftovers
 from vae_deploy.graph_files import KeepFp32, Traced, batch_dynamic, example_inputs
 from vae_deploy.manifest import read_manifest
 from vae_deploy.model import VAE
@@ -174,12 +169,12 @@ def write_export(
 
         gate = int8 if isinstance(int8, Int8Gate) else Int8Gate()
         new_files.add(file_name(DECODER, "onnx-int8"))
-    _sweep_leftovers(target)  # first: it may put back an old export a killed install left aside
+    sweep_folder_leftovers(target)  # first: it may put back an old export a killed install left aside
     ours = _check_target(target, new_files)
     # A sibling of the target (same filesystem, so the final moves are renames); mkdir, not
     # mkdtemp, so the folder gets the user's usual permissions rather than 0700. The pid in the
-    # name lets a later export sweep the staging folders of killed ones (_sweep_leftovers).
-    staging = target.with_name(f".{target.name}.export-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    # name lets a later export sweep the staging folders of killed ones (sweep_folder_leftovers).
+    staging = folder_sibling(target, "export")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging.mkdir()
@@ -323,28 +318,15 @@ def _check_target(out: Path, new_files: set[str]) -> set[str]:
 
 
 def _install(staging: Path, out: Path, ours: set[str]) -> None:
-    """Swap the finished export into place as a unit: DIR holds either the old export or the new
-    one, never a mix and never neither, even if the process is killed at any moment. Everything in
-    DIR that the old export did not own (README.md, the user's notes) is carried over: linked into
-    the new export first. After the swap ``staging`` holds the old export (the caller removes it)."""
-    if not out.exists():
-        os.replace(staging, out)
-        return
-    for entry in sorted(out.iterdir()):
-        if entry.name not in ours:
-            _carry(entry, staging / entry.name)
-    if _exchange(staging, out):
-        return
-    # No atomic exchange (not Linux, or the filesystem lacks it): two renames. A kill between them
-    # leaves the old export in the '.old-' folder, and the next export puts it back.
-    aside = out.with_name(f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    os.replace(out, aside)
-    try:
-        os.replace(staging, out)
-    except BaseException:
-        os.replace(aside, out)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
+    """Swap the finished export into place as a unit (``files.swap_folder_in``: DIR holds either the
+    old export or the new one, whenever a kill comes). Everything in DIR that the old export did
+    not own (README.md, the user's notes) is carried over: linked into the new export first. After
+    the swap ``staging`` holds the old export (the caller removes it)."""
+    if out.exists():
+        for entry in sorted(out.iterdir()):
+            if entry.name not in ours:
+                _carry(entry, staging / entry.name)
+    swap_folder_in(staging, out)
 
 
 def _carry(src: Path, dst: Path) -> None:
@@ -358,42 +340,3 @@ def _carry(src: Path, dst: Path) -> None:
             os.link(src, dst)
         except OSError:
             shutil.copy2(src, dst)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two folders (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-_LEFTOVER = re.compile(r"\.(export|old)-(\d+)-[0-9a-f]+")
-
-
-def _sweep_leftovers(target: Path) -> None:
-    """Remove the staging folders of killed exports beside ``target`` (their process is gone), and
-    put back an old export that a kill between the two fallback renames left aside."""
-    prefix = f".{target.name}"
-    try:
-        entries = sorted(target.parent.iterdir())
-    except OSError:
-        return
-    for entry in entries:
-        found = _LEFTOVER.fullmatch(entry.name[len(prefix) :]) if entry.name.startswith(prefix) else None
-        if found is None or not entry.is_dir() or pid_alive(int(found.group(2))):
-            continue
-        if found.group(1) == "old" and not target.exists():
-            os.replace(entry, target)
-        else:
-            shutil.rmtree(entry, ignore_errors=True)

@@ -120,3 +120,63 @@ def exchange(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
         return False
     raise OSError(err, os.strerror(err), str(b))
+
+
+# --- folders swapped in as a unit (exports, Triton model folders) -------------------------------------
+
+FOLDER_WORK = ("export", "staging", "old")  # what a sibling folder named by folder_sibling holds
+
+
+def folder_sibling(target: str | os.PathLike, what: str) -> Path:
+    """A sibling of ``target`` for a folder being built (``export``, ``staging``) or set aside
+    (``old``): ``.NAME.WHAT-PID-RANDOM``, on the same filesystem so moves are renames, and named
+    so :func:`sweep_folder_leftovers` can tell whose process is gone."""
+    if what not in FOLDER_WORK:
+        raise ValueError(f"what must be one of {FOLDER_WORK}, got {what!r}")
+    target = Path(target)
+    return target.with_name(f".{target.name}.{what}-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+
+
+def swap_folder_in(staging: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Put the finished folder ``staging`` at ``target`` as a unit: ``target`` holds the old folder
+    or the new one, never a mix and never neither, whenever the process is killed. After the call
+    ``staging`` holds the old folder (if there was one) for the caller to remove. Without an atomic
+    exchange (not Linux, or the filesystem lacks it) it is two renames with the old folder set
+    aside as ``.NAME.old-PID-RANDOM``, which :func:`sweep_folder_leftovers` puts back after a kill."""
+    import shutil
+
+    staging, target = Path(staging), Path(target)
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    if exchange(staging, target):
+        return
+    aside = folder_sibling(target, "old")
+    os.replace(target, aside)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        os.replace(aside, target)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def sweep_folder_leftovers(target: str | os.PathLike) -> None:
+    """Remove the sibling folders of ``target`` that killed writers left (their process is gone),
+    and put back an old folder that a kill between :func:`swap_folder_in`'s two renames set aside."""
+    import shutil
+
+    target = Path(target)
+    pattern = re.compile(re.escape(f".{target.name}.") + rf"(?P<what>{'|'.join(FOLDER_WORK)})-(?P<pid>\d+)-[0-9a-f]+")
+    try:
+        entries = sorted(target.parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        found = pattern.fullmatch(entry.name)
+        if found is None or entry.is_symlink() or not entry.is_dir() or pid_alive(int(found["pid"])):
+            continue
+        if found["what"] == "old" and not target.exists():
+            os.replace(entry, target)
+        else:
+            shutil.rmtree(entry, ignore_errors=True)

@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from typing import Any
 from vae_deploy import __version__
 from vae_deploy.contract import DECODER, ENCODER, GRAPHS, PRECISION_FORMAT, GraphSpec, TensorSpec
 from vae_deploy.errors import ExportError, UsageError
-from vae_deploy.files import atomic_write, exchange, pid_alive, sha256_bytes
+from vae_deploy.files import atomic_write, folder_sibling, sha256_bytes, swap_folder_in, sweep_folder_leftovers
 from vae_deploy.manifest import read_manifest, read_verified
 
 PLATFORM = "onnxruntime_onnx"
@@ -46,7 +45,6 @@ MARKER_KIND = "triton-model"
 KEEP_FILES = ("README.md", ".gitignore", ".gitkeep")
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16"}
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
-_LEFTOVER = re.compile(r"\.(?P<model>.+)\.(?P<what>staging|old)-(?P<pid>\d+)-[0-9a-f]{8}")
 TRT_WORKSPACE_BYTES = 1 << 30
 
 
@@ -219,7 +217,7 @@ def write_repository(
     repo.mkdir(parents=True, exist_ok=True)
     models = []
     for entry, target, kept, blob in zip(entries, targets, keep, blobs):
-        _sweep_leftovers(repo, target.name)
+        sweep_folder_leftovers(target)
         comment = (
             f"Written by vae-deploy {__version__} from {export_dir.resolve()} ({entry.graph}, {entry.precision}).\n"
             f"Contract: {entry.spec.signature()}; value range {list(manifest.model.value_range)}."
@@ -273,8 +271,7 @@ def _check_target(target: Path) -> list[str]:
 
 def _install(target: Path, kept: list[str], files: dict[str, bytes]) -> None:
     """Build the model folder beside ``target`` and swap it in as a unit (old or new, never a mix)."""
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging = target.with_name(f".{target.name}.staging-{tag}")
+    staging = folder_sibling(target, "staging")
     try:
         staging.mkdir()
         for rel, data in files.items():
@@ -284,33 +281,9 @@ def _install(target: Path, kept: list[str], files: dict[str, bytes]) -> None:
                 os.link(target / name, staging / name)
             except OSError:
                 shutil.copy2(target / name, staging / name)
-        if not target.exists():
-            os.replace(staging, target)
-            return
-        if not exchange(staging, target):
-            aside = target.with_name(f".{target.name}.old-{tag}")
-            os.replace(target, aside)
-            try:
-                os.replace(staging, target)
-            except BaseException:
-                os.replace(aside, target)
-                raise
-            shutil.rmtree(aside, ignore_errors=True)
+        swap_folder_in(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # the old folder after an exchange, or a failed build
-
-
-def _sweep_leftovers(repo: Path, model: str) -> None:
-    """Remove what killed writers left beside ``model`` (their process is gone); put back an old
-    folder a kill between the two fallback renames left aside."""
-    for entry in sorted(repo.iterdir()):
-        found = _LEFTOVER.fullmatch(entry.name)
-        if not found or found["model"] != model or not entry.is_dir() or pid_alive(int(found["pid"])):
-            continue
-        if found["what"] == "old" and not (repo / model).exists():
-            os.replace(entry, repo / model)
-        else:
-            shutil.rmtree(entry, ignore_errors=True)
 
 
 def docker_command(repo: str | os.PathLike, kind: str = "gpu", tag: str = "25.01-py3") -> str:
