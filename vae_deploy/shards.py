@@ -29,7 +29,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,22 +126,16 @@ def write_shards(
     info = {"export_dir": str(Path(export_dir).resolve()), "writer": {"kind": "local", "batch_size": batch}}
     setup = time.perf_counter() - began
     began = time.perf_counter()
-    # One writer thread: batch k is written and hashed while batch k+1 decodes (file writes,
-    # sha256 and onnxruntime all release the GIL), at most one batch in flight, in row order.
-    with (
-        ShardWriter.open(out_dir, spec, resume=resume, info=info) as writer,
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="vae-deploy-shards") as pool,
-    ):
+    with ShardWriter.open(out_dir, spec, resume=resume, info=info) as writer:
         if progress is not None and writer.rows_kept:
             progress(writer.rows_kept)
-        pending: Future | None = None
         for start, stop in writer.todo():
             row = start
             for images in runtime.sample_iter(stop - start, seed, batch, bernoulli, start=start):
-                _written(pending, progress)
-                pending = pool.submit(_put, writer, row, images)
+                writer.put(row, images)
                 row += len(images)
-        _written(pending, progress)
+                if progress is not None:
+                    progress(len(images))
         index = writer.finish()
     return ShardsResult(
         Path(out_dir),
@@ -155,16 +148,3 @@ def write_shards(
         runtime.fallback_reason,
         setup,
     )
-
-
-def _put(writer: ShardWriter, row: int, images: Any) -> int:
-    writer.put(row, images)
-    return len(images)
-
-
-def _written(pending: Future | None, progress: Callable[[int], None] | None) -> None:
-    """Wait for the batch in flight (its error raised here) and report its rows."""
-    if pending is not None:
-        rows = pending.result()
-        if progress is not None:
-            progress(rows)
