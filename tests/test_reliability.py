@@ -583,3 +583,47 @@ def test_sixteen_threads_mixing_every_method_match_sequential_calls(rt: VAERunti
     assert len(results) == threads * 12
     for k, got in results:
         assert np.array_equal(got, want[k]), calls[k][0]
+
+
+@pytest.mark.parametrize("atomic", [True, False], ids=["exchange", "two-renames"])
+def test_swap_folder_in_replaces_as_a_unit_with_and_without_an_atomic_exchange(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, atomic: bool
+) -> None:
+    """The one folder swap that export and triton use: the target ends as the new folder, staging
+    holds the old one, and no '.old-' folder is left beside it, whether or not the filesystem can
+    exchange two paths atomically."""
+    from vae_deploy import files
+
+    if not atomic:
+        monkeypatch.setattr(files, "exchange", lambda a, b: False)
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "v").write_text("old")
+    staging = files.folder_sibling(target, "staging")
+    staging.mkdir()
+    (staging / "v").write_text("new")
+    files.swap_folder_in(staging, target)
+    assert (target / "v").read_text() == "new"
+    assert not staging.exists() or (staging / "v").read_text() == "old"
+    assert not list(tmp_path.glob(".model.old-*"))
+    with pytest.raises(ValueError, match="must be one of"):
+        files.folder_sibling(target, "tmp")
+
+
+def test_sweep_folder_leftovers_keeps_live_writers_and_other_names(tmp_path: Path) -> None:
+    """Leftovers of dead writers go (an aside old folder comes back when the target is missing);
+    a live writer's folder, another target's and a symlink stay."""
+    from vae_deploy import files
+
+    dead, live = _dead_pid(), os.getpid()
+    target = tmp_path / "exported"
+    stale = tmp_path / f".exported.export-{dead}-00ff"
+    running = tmp_path / f".exported.staging-{live}-00ff"
+    other = tmp_path / f".exported.b.old-{dead}-00ff"  # a target named "exported.b"
+    aside = tmp_path / f".exported.old-{dead}-00ff"
+    for folder in (stale, running, other, aside):
+        folder.mkdir()
+    (aside / "manifest.json").write_text("{}")
+    files.sweep_folder_leftovers(target)
+    assert not stale.exists() and running.exists() and other.exists()
+    assert (target / "manifest.json").exists() and not aside.exists()
