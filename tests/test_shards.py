@@ -196,6 +196,11 @@ def test_the_output_folder_rule(mlp_onnx_export: Path, tmp_path: Path) -> None:
     (fake / INDEX).write_text('{"format": "something-else"}')
     with pytest.raises(UsageError, match="not a vae-deploy shard index"):
         write_shards(mlp_onnx_export, 10, fake, **run)
+    (fake / INDEX).write_text("[" * 100_000)  # json's RecursionError: still one of our errors
+    with pytest.raises(UsageError, match="not a vae-deploy shard index"):
+        write_shards(mlp_onnx_export, 10, fake, **run)
+    with pytest.raises(DataError, match="nested too deeply"):
+        read_index(fake)
 
     readme = tmp_path / "readme"
     readme.mkdir()

@@ -95,6 +95,8 @@ def test_plan_cache_round_trip_and_keys(monkeypatch: pytest.MonkeyPatch, tmp_pat
         '{"format": "vae-deploy-cpu-plan", "version": 1}',
         "FORGED_PLAN",
         "FORGED_VERSION",
+        "[" * 100_000,  # json's RecursionError
+        '{"pad": "' + "x" * (2 << 20) + '"}',  # larger than a plan file can be
     ],
 )
 def test_a_bad_cache_file_is_a_miss_not_an_error(

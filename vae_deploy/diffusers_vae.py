@@ -17,7 +17,6 @@ does); the Tiny encoder its latents (no logvar).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import warnings
@@ -28,7 +27,7 @@ from typing import Any
 
 from vae_deploy.adapters import Method, Rebuilt
 from vae_deploy.errors import ExportError, IntegrityError
-from vae_deploy.files import sha256_file
+from vae_deploy.files import read_json, sha256_file
 
 SUPPORTED = ("AutoencoderKL", "AutoencoderTiny")
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -108,11 +107,11 @@ def find_vae(path: str | os.PathLike) -> VaeFolder:
 
 def _read_config(path: Path) -> dict[str, Any]:
     try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise ExportError(f"{path} is larger than a model config can be")
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = read_json(path, MAX_CONFIG_BYTES)
+    except OSError as exc:
         raise ExportError(f"{path} is not a readable JSON config ({type(exc).__name__})") from None
+    except ValueError as exc:
+        raise ExportError(f"{path} {exc}: not a readable JSON config") from None
     if not isinstance(data, dict):
         raise ExportError(f"{path} is not a diffusers config (expected a JSON object)")
     return data

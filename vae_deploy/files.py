@@ -1,4 +1,5 @@
-"""Files written and read safely: the one atomic writer, sha256, and stale temp-file cleanup.
+"""Files written and read safely: the one atomic writer, the one bounded JSON reader, sha256,
+folders swapped in as a unit, and stale temp-file cleanup.
 
 Every file vae-deploy writes (checkpoints, metrics, manifests, PNG/NPY outputs, reports) goes
 through :func:`atomic_write`: a temp file in the same folder, fsync, then rename, so a reader (or a
@@ -9,12 +10,13 @@ process killed half-way) never sees half a file. Temp files are named ``.NAME.PI
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 _TEMP = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{12}\.tmp")
 
@@ -69,6 +71,26 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def read_json(path: str | os.PathLike, max_bytes: int) -> Any:
+    """The JSON value in a file of at most ``max_bytes``: every small JSON file vae-deploy reads back
+    (manifests, markers, configs, plan caches, shard indexes) may have been written by someone else.
+
+    Raises OSError where the file cannot be read, and ValueError whose message completes "PATH ..."
+    where it is no JSON we take: "is larger than N bytes", "is not valid JSON (JSONDecodeError)"
+    (also for non-UTF-8 bytes), "is nested too deeply" (json's RecursionError, caught here once).
+    """
+    with open(path, "rb") as f:
+        raw = f.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise ValueError(f"is larger than {max_bytes:,} bytes")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"is not valid JSON ({type(exc).__name__})") from None
+    except RecursionError:
+        raise ValueError("is nested too deeply") from None
 
 
 def pid_alive(pid: int) -> bool:

@@ -10,7 +10,6 @@ anything else about what a file holds. Torch-free and onnx-free (the external-da
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 from vae_deploy.contract import MANIFEST, FileEntry, Manifest, parse_manifest
 from vae_deploy.errors import ExportError, IntegrityError
-from vae_deploy.files import sha256_bytes, sha256_file
+from vae_deploy.files import read_json, sha256_bytes, sha256_file
 
 MAX_MANIFEST_BYTES = 4 << 20  # a manifest is a few KB; refuse to parse megabytes of JSON
 MAX_GRAPH_BYTES = 16 << 30  # far above any VAE (the SD decoder is ~200 MB)
@@ -36,13 +35,11 @@ def read_manifest(export_dir: str | os.PathLike) -> Manifest:
             "(create one with `vae-deploy export CHECKPOINT --out DIR`)"
         )
     try:
-        if path.stat().st_size > MAX_MANIFEST_BYTES:
-            raise ExportError(f"{path} is larger than a manifest can be ({MAX_MANIFEST_BYTES >> 20} MB)")
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ExportError(f"{path} is not valid JSON ({type(exc).__name__}); re-export the folder") from None
-    except RecursionError:
-        raise ExportError(f"{path} is nested too deeply to be a manifest; re-export the folder") from None
+        data = read_json(path, MAX_MANIFEST_BYTES)
+    except OSError as exc:
+        raise ExportError(f"{path} cannot be read ({type(exc).__name__}); re-export the folder") from None
+    except ValueError as exc:
+        raise ExportError(f"{path} {exc}; re-export the folder") from None
     return parse_manifest(data, str(path))
 
 

@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path
 
 from vae_deploy.errors import OutputDirError
-from vae_deploy.files import atomic_write_text
+from vae_deploy.files import atomic_write_text, read_json
 
 MARKER = ".vae-deploy"
 KINDS = ("run", "export")
@@ -42,9 +42,8 @@ __all__ = [
 def marker_kind(path: str | os.PathLike) -> str | None:
     """The kind named by ``PATH/.vae-deploy``, or None when there is no valid marker."""
     try:
-        with open(Path(path) / MARKER, "rb") as f:
-            data = json.loads(f.read(_MARKER_LIMIT + 1)[:_MARKER_LIMIT])
-    except (OSError, ValueError, RecursionError):
+        data = read_json(Path(path) / MARKER, _MARKER_LIMIT)
+    except (OSError, ValueError):
         return None
     if isinstance(data, dict) and data.get("format") == MARKER_FORMAT and data.get("kind") in KINDS:
         return data["kind"]

@@ -34,11 +34,12 @@ import onnxruntime as ort
 
 from vae_deploy.engines import CpuPlan, cpu_count
 from vae_deploy.errors import UsageError
-from vae_deploy.files import atomic_write
+from vae_deploy.files import atomic_write, read_json
 
 CACHE_ENV = "VAE_DEPLOY_CACHE_DIR"
 PLAN_FORMAT = "vae-deploy-cpu-plan"
 PLAN_VERSION = 1
+MAX_PLAN_BYTES = 1 << 20  # a plan file is a few KB
 # the CPU features that change which kernels onnxruntime (MLAS) and oneDNN run
 KERNEL_FLAGS = (
     "avx",
@@ -142,7 +143,7 @@ def load_plan(model_sha256: str) -> CachedPlan | None:
     key = plan_key(model_sha256)
     path = plan_path(key)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json(path, MAX_PLAN_BYTES)
         if data.get("format") != PLAN_FORMAT or data.get("version") != PLAN_VERSION or data.get("key") != key:
             return None
         return CachedPlan(CpuPlan.from_dict(data["plan"]), path, str(data.get("created", "")), data.get("details", {}))

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -17,13 +16,14 @@ import numpy as np
 from vae_deploy import inputs
 from vae_deploy.contract import DECODER, MANIFEST, PRECISION_FORMAT, SAMPLE_BLOCK_ROWS, SAMPLE_STREAM_VERSION, Manifest
 from vae_deploy.errors import DataError, UsageError
-from vae_deploy.files import sha256_file
+from vae_deploy.files import read_json, sha256_file
 
 INDEX = "index.json"
 INDEX_FORMAT = "vae-deploy-samples"
 INDEX_VERSION = 1
 BATCH_ROWS = 4096  # default rows per decode batch while writing shards ...
 BATCH_BYTES = 16 << 20  # ... unless the images of a batch would pass this (large images)
+MAX_INDEX_BYTES = 64 << 20  # an index is ~120 bytes per shard: ~500,000 shards
 SHARD_BYTES = 128 << 20  # default shard size: the largest power-of-two row count within this
 KEEP_NAMES = frozenset({"README.md", ".gitignore", ".gitkeep"})  # a folder holding only these is free
 _SHARD_NAME = re.compile(r"shard-\d{5,}\.npy")
@@ -225,11 +225,13 @@ def read_index(out_dir: str | os.PathLike, complete: bool = True) -> ShardIndex:
     """The index of a shard folder; with ``complete`` (default) refuse an unfinished run."""
     path = Path(out_dir) / INDEX
     try:
-        data = json.loads(path.read_bytes())
+        data = read_json(path, MAX_INDEX_BYTES)
     except FileNotFoundError:
         raise DataError(f"{out_dir} has no {INDEX}: not a vae-deploy shard folder") from None
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         raise DataError(f"{path} cannot be read as JSON: {exc}") from None
+    except ValueError as exc:
+        raise DataError(f"{path} {exc}") from None
     index = parse_index(data, str(path))
     if complete and not index.complete:
         done = sum(e.sha256 is not None for e in index.shards)
@@ -253,7 +255,7 @@ def check_out_dir(out_dir: str | os.PathLike) -> ShardIndex | None:
     index = path / INDEX
     if index.is_file() and not index.is_symlink():
         try:
-            return parse_index(json.loads(index.read_bytes()), str(index))
+            return parse_index(read_json(index, MAX_INDEX_BYTES), str(index))
         except (DataError, OSError, ValueError):
             raise UsageError(
                 f"--out-dir {path} has an {INDEX} that is not a vae-deploy shard index; choose another folder"

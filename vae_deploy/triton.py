@@ -30,7 +30,14 @@ from typing import Any
 from vae_deploy import __version__
 from vae_deploy.contract import DECODER, ENCODER, GRAPHS, PRECISION_FORMAT, GraphSpec, TensorSpec
 from vae_deploy.errors import ExportError, UsageError
-from vae_deploy.files import atomic_write, folder_sibling, sha256_bytes, swap_folder_in, sweep_folder_leftovers
+from vae_deploy.files import (
+    atomic_write,
+    folder_sibling,
+    read_json,
+    sha256_bytes,
+    swap_folder_in,
+    sweep_folder_leftovers,
+)
 from vae_deploy.manifest import read_manifest, read_verified
 
 PLATFORM = "onnxruntime_onnx"
@@ -242,9 +249,8 @@ def write_repository(
 
 def _is_ours(folder: Path) -> bool:
     try:
-        with open(folder / MARKER, "rb") as f:
-            data = json.loads(f.read(1 << 16))
-    except (OSError, ValueError, RecursionError):
+        data = read_json(folder / MARKER, 1 << 16)
+    except (OSError, ValueError):
         return False
     return isinstance(data, dict) and data.get("format") == MARKER_FORMAT and data.get("kind") == MARKER_KIND
 
