@@ -128,7 +128,7 @@ class CpuEngine:
         the first band's bound ``session.run``, output names, input name and one ``RunOptions``."""
         if self.small_max:
             return LeanCall(self._small_run, self._first, self.input, self._options, self.small_max)
-        return LeanCall(self._large_run, self._first, self.input, self._options, min(self.chunk_over, 2**62))
+        return LeanCall(self._large_run, self._first, self.input, self._options, self.chunk_over)
 
     def session_for(self, batch_size: int) -> Any:
         """The onnxruntime session that serves a batch of this size."""

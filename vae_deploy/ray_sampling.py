@@ -29,7 +29,6 @@ the number of workers, the dataset's block count or the batch size (tests/test_r
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import time
@@ -308,8 +307,8 @@ def write_shards_ray(
         wanted = ("cuda" if gpus >= 1 else "cpu") if provider == "auto" else provider
         plan = actor_plan(cpus, gpus, wanted, options)
         image_shape = tuple(spec.outputs[0].row_shape)
-        batch = options.batch_size or default_batch_rows(4 * math.prod(image_shape))
         sspec = shard_spec(manifest, export_dir, n, seed, shard_rows, image_shape, bernoulli, plan.provider)
+        batch = options.batch_size or default_batch_rows(sspec.row_bytes)  # as write_shards sizes it
         details = {
             "kind": "ray",
             "address": cluster["address"],
