@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vae_deploy.bench.machine import cpu_counters, machine_info, machine_slug, other_load
+from vae_deploy.bench.machine import cpu_counters, machine_info, machine_slug, wait_quiet
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -41,18 +41,6 @@ REPO = HERE.parent
 def _children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
-
-
-def wait_quiet(max_other: float, seconds: float, log=print) -> None:
-    """Wait (up to ``seconds``) until other processes use less than ``max_other`` cores."""
-    end = time.time() + seconds
-    while time.time() < end:
-        start = cpu_counters()
-        time.sleep(3)
-        busy = (other_load(start) or {}).get("other_cores", 0.0)
-        if busy < max_other:
-            return
-        log(f"other processes use {busy:.2f} cores: waiting for a quiet machine ...")
 
 
 def run_variant(name: str, nproc: int, threads: int | None, args: list[str], log=print) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from vae_deploy.bench.machine import cpu_model, load_avg, machine_slug
+from vae_deploy.bench.machine import cpu_model, load_avg, machine_slug, wait_quiet
 from vae_deploy.engines import cpu_count
 from vae_deploy.runtime import VAERuntime
 from vae_deploy.serve import ServeConfig, start
@@ -200,16 +200,14 @@ def others_busy(seconds: float = 2.0) -> float:
     return max(0.0, (busy1 - busy0) - (mine1 - mine0)) / seconds
 
 
-def wait_quiet(max_other: float, budget_s: float) -> str:
+def quiet_note(max_other: float, budget_s: float) -> str:
     """Wait (up to ``budget_s``) until other processes use fewer than ``max_other`` cores; what happened."""
-    start = time.monotonic()
-    while budget_s > 0 and time.monotonic() - start < budget_s:
-        busy = others_busy()
-        if busy <= max_other:
-            waited = time.monotonic() - start
-            return f" (quiet after {waited:.0f} s)" if waited > 3 else ""
-        time.sleep(1)
-    return f" (others still busy after {budget_s:g} s)" if budget_s > 0 else ""
+    busy, waited = wait_quiet(max_other, budget_s, log=lambda _: None, measure=others_busy)
+    if busy is None:
+        return ""
+    if busy >= max_other:
+        return f" (others still busy after {budget_s:g} s)"
+    return f" (quiet after {waited:.0f} s)" if waited > 3 else ""
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -352,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                 for c in concurrency:
                     for r in range(args.rounds):
                         for mode in list(modes) if r % 2 == 0 else list(reversed(modes)):
-                            waited = wait_quiet(args.max_other, args.wait_quiet)
+                            waited = quiet_note(args.max_other, args.wait_quiet)
                             app = f"/{model}/{mode}"
                             run = load("127.0.0.1", srv.port, app, body, answer_bytes, c, args.seconds, args.warmup)
                             raw.setdefault((model, c, mode), []).append(run)

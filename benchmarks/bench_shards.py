@@ -150,18 +150,6 @@ class TreeMonitor:
         self._sample()
 
 
-def wait_quiet(max_other: float, seconds: float) -> float:
-    """Wait (up to ``seconds``) until other processes use less than ``max_other`` cores; their use."""
-    end = time.time() + seconds
-    while True:
-        start = bench.cpu_counters()
-        time.sleep(3)
-        busy = (bench.other_load(start) or {}).get("other_cores", 0.0)
-        if busy < max_other or time.time() >= end:
-            return busy
-        print(f"other processes use {busy:.2f} cores: waiting for a quiet machine ...", flush=True)
-
-
 # --- runs -------------------------------------------------------------------------------------------
 
 
@@ -329,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in RUNS:
                 out = work / f"shards-{name}"
                 shutil.rmtree(out, ignore_errors=True)
-                busy = wait_quiet(args.max_other, args.wait_quiet)
+                busy, _ = bench.wait_quiet(args.max_other, args.wait_quiet)
                 cmd = [sys.executable, __file__, "--child", name, "--n", str(args.n), "--export-dir", str(export)]
                 done = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True)
                 shutil.rmtree(out, ignore_errors=True)

@@ -47,31 +47,12 @@ def load1() -> float:
     return os.getloadavg()[0]
 
 
-def others_now(seconds: float = 3.0) -> float:
-    """Cores other processes used over the next ``seconds`` (this one idles meanwhile)."""
-    start = bench.cpu_counters()
-    time.sleep(seconds)
-    got = bench.other_load(start)
-    return got["other_cores"] if got else load1()
-
-
-def wait_quiet(max_other: float, seconds: float, log=print) -> float:
-    """Wait (up to ``seconds``) until other processes use less than ``max_other`` cores."""
-    end = time.time() + seconds
-    busy = others_now()
-    while busy >= max_other and time.time() < end:
-        log(f"other processes use {busy:.2f} cores: waiting for a quiet machine ...")
-        time.sleep(10)
-        busy = others_now()
-    return busy
-
-
 def quiet_run(run, args, what: str, log=print):
     """Run a benchmark; while other processes took more than --max-other cores during it, wait for a
     quiet machine and run it again (up to --retries times); return the quietest attempt."""
     best, best_other = None, float("inf")
     for attempt in range(args.retries + 1):
-        wait_quiet(args.max_other, args.wait_quiet, log)
+        bench.wait_quiet(args.max_other, args.wait_quiet, log)
         report = run()
         other = (report.machine.get("other_load") or {}).get("other_cores", 0.0)
         if other < best_other:
@@ -131,7 +112,7 @@ def run_tuning(export_dir: Path, args: argparse.Namespace, log=print) -> dict[st
         fmt = PRECISION_FORMAT[precision] if graph == "decoder" else "onnx"
         if manifest.entry(graph, fmt) is None:
             continue
-        wait_quiet(args.max_other, args.wait_quiet, log)
+        bench.wait_quiet(args.max_other, args.wait_quiet, log)
         counters = bench.cpu_counters()
         result, _ = tune_export(export_dir, graph=graph, precision=precision, seconds=1.0 if args.quick else 5.0)
         log(result.table())

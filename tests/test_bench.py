@@ -340,3 +340,18 @@ def test_bare_backend_runs_the_runtime_session(export_dir: Path, tmp_path: Path)
         assert wrapped.threads(batch) == settings
         assert bare.threads(batch) == {k: v for k, v in settings.items() if k != "rows_per_run"}
     assert "rows_per_run" in wrapped.threads(2000)  # the runtime runs large batches in chunks
+
+
+def test_wait_quiet_waits_for_the_measure_to_fall_and_gives_up_after_its_time() -> None:
+    """The one quiet-machine wait the benchmark scripts share: it measures until others use fewer
+    than max_other cores (logging each busy reading), stops at its time limit, and with no time
+    measures nothing."""
+    from vae_deploy.bench import others_cores, wait_quiet
+
+    readings, said = iter([1.5, 0.9, 0.1, 0.0]), []
+    busy, waited = wait_quiet(0.3, 60, log=said.append, measure=lambda: next(readings))
+    assert busy == 0.1 and len(said) == 2 and "1.50 cores" in said[0] and waited < 60
+    busy, waited = wait_quiet(0.3, 0.05, log=said.append, measure=lambda: 2.0)
+    assert busy == 2.0 and waited >= 0.05
+    assert wait_quiet(0.3, 0, measure=lambda: pytest.fail("measured with no time to wait")) == (None, 0.0)
+    assert others_cores(0.05) >= 0.0

@@ -52,6 +52,8 @@ from vae_deploy.bench.machine import (
     machine_slug,
     measure_limits,
     other_load,
+    others_cores,
+    wait_quiet,
 )
 from vae_deploy.bench.report import (
     BenchReport,
@@ -83,6 +85,8 @@ __all__ = [
     "machine_slug",
     "measure_limits",
     "other_load",
+    "others_cores",
+    "wait_quiet",
     "parse_backends",
     "plot_throughput",
     "require_matplotlib",

@@ -132,6 +132,34 @@ def other_load(start: CpuCounters | None) -> dict[str, float] | None:
     }
 
 
+def others_cores(seconds: float = 3.0) -> float:
+    """Cores other processes used over the next ``seconds`` (this one idles meanwhile); the 1-minute
+    load average where there is no /proc/stat."""
+    start = cpu_counters()
+    time.sleep(seconds)
+    got = other_load(start)
+    return got["other_cores"] if got else (load_avg() or [0.0])[0]
+
+
+def wait_quiet(
+    max_other: float,
+    seconds: float,
+    log: Callable[[str], None] = print,
+    measure: Callable[[], float] = others_cores,
+) -> tuple[float | None, float]:
+    """Wait (up to ``seconds``) until other processes use fewer than ``max_other`` cores, as
+    ``measure()`` sees it; (their last measured use in cores, seconds waited). ``seconds <= 0``:
+    no wait and no measurement, (None, 0)."""
+    if seconds <= 0:
+        return None, 0.0
+    began = time.monotonic()
+    busy = measure()
+    while busy >= max_other and time.monotonic() - began < seconds:
+        log(f"other processes use {busy:.2f} cores: waiting for a quiet machine ...")
+        busy = measure()
+    return busy, time.monotonic() - began
+
+
 # --- its limits ---------------------------------------------------------------------------------
 
 
