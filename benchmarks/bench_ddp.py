@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from vae_deploy.bench.machine import cpu_counters, machine_info, machine_slug, wait_quiet
+from vae_deploy.bench.report import write_results
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -180,11 +181,8 @@ def main() -> None:
         return
     quiet = (args.max_other, args.wait_quiet)
     report = run(args.data_root, args.epochs, args.repeats, args.batch_size, args.nproc, quiet)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"ddp-{machine_slug(report['machine'])}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(render(report))
+    stem = Path(args.out) / f"ddp-{machine_slug(report['machine'])}"
+    write_results(stem, report, render(report))
     print(render(report))
     print(f"wrote {stem}.json and {stem}.md")
 

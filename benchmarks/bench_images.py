@@ -20,7 +20,6 @@ Markdown table go to ``--out``.json/.md with the CPU model, torch version and lo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from vae_deploy.bench.report import write_results
 from vae_deploy.config import make_configs
 from vae_deploy.data import read_idx, resolve_data_root
 from vae_deploy.model import VAE
@@ -174,10 +174,7 @@ def main() -> None:
             "folder_by_label_vs_builtin_pct": pct(by["mlp-folder-by-label"], by["mlp-mnist"]),
         },
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(render(report))
+    write_results(Path(args.out).with_suffix(""), report, render(report))
     print(render(report))
 
 

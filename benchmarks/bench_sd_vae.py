@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         result = steps[args.step]()
         print(json.dumps(result))
         return
-    from vae_deploy.bench import machine_info, machine_slug
+    from vae_deploy.bench import machine_info, machine_slug, write_results
     from vae_deploy.bench.machine import load_avg
 
     machine = machine_info()
@@ -214,11 +214,8 @@ def main(argv: list[str] | None = None) -> None:
         "load_avg_end": load_avg(),
         "command": "python benchmarks/bench_sd_vae.py " + " ".join(argv or sys.argv[1:]),
     }
-    results = Path(args.out)
-    results.mkdir(parents=True, exist_ok=True)
-    stem = results / f"sd-vae-{machine_slug(machine)}"
-    stem.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(render(data))
+    stem = Path(args.out) / f"sd-vae-{machine_slug(machine)}"
+    write_results(stem, data, render(data))
     print(render(data))
     print(f"wrote {stem}.json and .md")
 

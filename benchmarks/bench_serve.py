@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from vae_deploy.bench.machine import cpu_model, load_avg, machine_slug, wait_quiet
+from vae_deploy.bench.report import write_results
 from vae_deploy.engines import cpu_count
 from vae_deploy.runtime import VAERuntime
 from vae_deploy.serve import ServeConfig, start
@@ -384,9 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
     }
     slug = machine_slug({"cpu": machine["cpu"], "cpus": machine["cpus"]})
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"serve-{slug}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / f"serve-{slug}.md").write_text(markdown(report))
+    write_results(args.out / f"serve-{slug}", report, markdown(report), indent=1)
     print(markdown(report))
     print(f"wrote {args.out / f'serve-{slug}.json'} and .md")
     return 1 if any(r["errors"] for r in results) else 0

@@ -360,11 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
         "target": TARGET,
     }
-    results = Path(args.results)
-    results.mkdir(parents=True, exist_ok=True)
-    stem = results / f"shards-{bench.machine_slug(machine)}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(render(report))
+    stem = Path(args.results) / f"shards-{bench.machine_slug(machine)}"
+    bench.write_results(stem, report, render(report), indent=1)
     print(render(report))
     return 0 if identical else 1
 

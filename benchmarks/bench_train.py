@@ -20,7 +20,6 @@ import platform
 import statistics
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 
 from vae_deploy.config import ModelConfig, TrainConfig
 from vae_deploy.data import Splits, load_splits, resolve_data_root
+from vae_deploy.files import atomic_write_text
 from vae_deploy.model import VAE
 from vae_deploy.training import build_optimizer, train
 
@@ -129,7 +129,7 @@ def main() -> None:
         f"ratio x{report['ratio_ours_vs_reference']:.3f}"
     )
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

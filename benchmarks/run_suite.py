@@ -534,18 +534,14 @@ def main() -> None:
 
 def write_results(result: dict[str, Any], out: Path, name: str | None = None) -> None:
     """results/<machine>.json, .png (decoder throughput, CPU and GPU rows) and .md; each atomically."""
-    from vae_deploy.files import atomic_write
-
     stem = name or bench.machine_slug(result["machine"])
-    atomic_write(out / f"{stem}.json", (json.dumps(result, indent=2) + "\n").encode())
     dec, gpu = result["decoder"], result.get("gpu")
     plot_data = dict(dec)
     if gpu:
         plot_data["results"] = dec["results"] + gpu["results"]
         plot_data["limits"] = {**dec["limits"], **gpu["limits"]}
     bench.plot_throughput(plot_data, out / f"{stem}.png")
-    md = markdown(result) + f"\n![throughput vs batch size]({stem}.png)\n"
-    atomic_write(out / f"{stem}.md", md.encode())
+    bench.write_results(out / stem, result, markdown(result) + f"\n![throughput vs batch size]({stem}.png)\n")
     print()
     for t in result["targets"]:
         print(f"{t['target']}: {t['margin']} (measured {t['measured']}, required {t['required']})")

@@ -355,3 +355,16 @@ def test_wait_quiet_waits_for_the_measure_to_fall_and_gives_up_after_its_time() 
     assert busy == 2.0 and waited >= 0.05
     assert wait_quiet(0.3, 0, measure=lambda: pytest.fail("measured with no time to wait")) == (None, 0.0)
     assert others_cores(0.05) >= 0.0
+
+
+def test_write_results_writes_both_files_into_a_new_folder_and_no_temp_files(tmp_path: Path) -> None:
+    """The one results writer the benchmark scripts share: STEM.json and STEM.md, folder created,
+    nothing else left in it (each file is a temp file renamed into place)."""
+    from vae_deploy.bench import write_results
+
+    stem = tmp_path / "new" / "shards-some.cpu-2c"
+    path = write_results(stem, {"n": 3}, "# table\n", indent=1)
+    assert path == tmp_path / "new" / "shards-some.cpu-2c.json"
+    assert json.loads(path.read_text()) == {"n": 3}
+    assert (tmp_path / "new" / "shards-some.cpu-2c.md").read_text() == "# table\n"
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == [path.name, "shards-some.cpu-2c.md"]

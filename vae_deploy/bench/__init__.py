@@ -63,6 +63,7 @@ from vae_deploy.bench.report import (
     require_matplotlib,
     threads_summary,
     write_json,
+    write_results,
 )
 from vae_deploy.bench.run import run_bench
 
@@ -93,4 +94,5 @@ __all__ = [
     "run_bench",
     "threads_summary",
     "write_json",
+    "write_results",
 ]

@@ -158,6 +158,15 @@ def write_json(report: BenchReport, path: str | os.PathLike) -> Path:
     return path
 
 
+def write_results(stem: str | os.PathLike, data: dict[str, Any], markdown: str, indent: int = 2) -> Path:
+    """A benchmark script's results: ``STEM.json`` (``data``) and ``STEM.md`` (``markdown``), each
+    written atomically, the folder made if needed. Returns ``STEM.json``."""
+    stem = Path(stem)
+    atomic_write(stem.with_name(stem.name + ".json"), (json.dumps(data, indent=indent) + "\n").encode())
+    atomic_write(stem.with_name(stem.name + ".md"), markdown.encode())
+    return stem.with_name(stem.name + ".json")
+
+
 def require_matplotlib() -> None:
     """Raise MissingExtraError unless matplotlib can be imported (checked before a long run)."""
     try:
