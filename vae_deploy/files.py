@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -165,8 +166,6 @@ def swap_folder_in(staging: str | os.PathLike, target: str | os.PathLike) -> Non
     ``staging`` holds the old folder (if there was one) for the caller to remove. Without an atomic
     exchange (not Linux, or the filesystem lacks it) it is two renames with the old folder set
     aside as ``.NAME.old-PID-RANDOM``, which :func:`sweep_folder_leftovers` puts back after a kill."""
-    import shutil
-
     staging, target = Path(staging), Path(target)
     if not target.exists():
         os.replace(staging, target)
@@ -186,8 +185,6 @@ def swap_folder_in(staging: str | os.PathLike, target: str | os.PathLike) -> Non
 def sweep_folder_leftovers(target: str | os.PathLike) -> None:
     """Remove the sibling folders of ``target`` that killed writers left (their process is gone),
     and put back an old folder that a kill between :func:`swap_folder_in`'s two renames set aside."""
-    import shutil
-
     target = Path(target)
     pattern = re.compile(re.escape(f".{target.name}.") + rf"(?P<what>{'|'.join(FOLDER_WORK)})-(?P<pid>\d+)-[0-9a-f]+")
     try:
